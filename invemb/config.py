@@ -1,0 +1,147 @@
+"""Configuration dataclasses and named presets.
+
+A model is fully described by `ModelConfig` (encoder + decoder). `TrainConfig` holds the optimisation recipe.
+Presets: `toy` (tiny random backbone, seconds on CPU, tests), `small` (MiniLM, CPU pipeline), `report-768`,
+`report-2560` (the reference report's recipes, for a GPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from invemb.errors import InvembError
+
+POOLINGS = ("attention", "cls", "mean")
+DECODERS = ("transformer", "onepass", "gru")
+
+
+@dataclass
+class EncoderConfig:
+    model_name: str = "all-MiniLM-L6-v2"  # alias, local folder or hub name (e.g. "finbert" -> ProsusAI/finbert)
+    pooling: str = "attention"  # attention | cls | mean
+    sentence_dim: int = 768  # S, the width of the sentence vector
+    freeze_backbone: bool = False
+    max_length: int = 48  # tokens including [CLS]/[SEP]; longer texts are truncated with a warning
+    random_init: bool = False  # build the backbone with random weights (tests / from-scratch training)
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden_size": 32} with random_init
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "transformer"  # transformer (autoregressive, cross-attention) | onepass | gru
+    d_model: int = 384
+    n_layers: int = 4
+    n_heads: int = 6
+    d_ff: int = 1536
+    dropout: float = 0.1
+    memory_slots: int = 4  # k vectors the sentence vector is mapped to (k=1 reproduces the report)
+    tie_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self) -> "ModelConfig":
+        e, d = self.encoder, self.decoder
+        if e.pooling not in POOLINGS:
+            raise InvembError(f"encoder.pooling must be one of {POOLINGS}, got {e.pooling!r}")
+        if d.kind not in DECODERS:
+            raise InvembError(f"decoder.kind must be one of {DECODERS}, got {d.kind!r}")
+        if d.d_model % d.n_heads:
+            raise InvembError(f"decoder.d_model ({d.d_model}) must be divisible by n_heads ({d.n_heads})")
+        if e.sentence_dim < 1 or d.memory_slots < 1 or e.max_length < 3:
+            raise InvembError("sentence_dim and memory_slots must be >= 1 and max_length >= 3")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(encoder=_build(EncoderConfig, d.get("encoder", {}), "encoder"),
+                   decoder=_build(DecoderConfig, d.get("decoder", {}), "decoder")).validate()
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"
+    epochs: int = 1
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
+    batch_size: int = 128  # global batch (all ranks, before gradient accumulation)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    plateau_patience: int = 5
+    plateau_factor: float = 0.1
+    min_lr: float = 1e-5
+    seed: int = 0
+    val_fraction: float = 0.1
+    train_limit: int = 0  # 0: all training headlines; else the first N of the shuffled split
+    val_limit: int = 512  # validation headlines evaluated each epoch (fixed subset)
+    eval_every: int = 0  # steps between validations (0: once per epoch)
+    save_every: int = 0  # steps between checkpoints (0: once per epoch)
+    log_every: int = 10
+    noise_sigma: float = 0.0  # N(0, sigma * rms(vector)) added to vectors during training
+    sim_loss_weight: float = 0.0  # lambda of the sentence-similarity loss (0: off)
+    gumbel_tau: float = 1.0
+    paraphrase_file: str = ""  # JSONL {text, paraphrases}: enables the min-over-paraphrases loss
+    bertscore_subset: int = 0  # val headlines scored with BERTScore at each validation (0: off)
+    deepspeed_config: str = ""  # path to a DeepSpeed JSON (train/ds_config/zero2.json); empty: plain PyTorch
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        base = preset(d.get("preset", "small"))
+        model = d.pop("model", None)
+        cfg = _build(cls, {**{k: v for k, v in dataclasses.asdict(base).items() if k != "model"}, **d}, "train")
+        merged = base.model.to_dict()
+        for part in ("encoder", "decoder"):
+            merged[part].update((model or {}).get(part, {}))
+        unknown = set(model or {}) - {"encoder", "decoder"}
+        if unknown:
+            raise InvembError(f"unknown config key(s) in model: {sorted(unknown)}")
+        cfg.model = ModelConfig.from_dict(merged)
+        if cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise InvembError("batch_size and grad_accum must be >= 1")
+        return cfg
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise InvembError(f"unknown config key(s) in {where}: {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
+TOY_BACKBONE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                "max_position_embeddings": 64}
+
+
+def preset(name: str) -> TrainConfig:
+    """Named recipes. `toy`: tiny random backbone for tests; `small`: MiniLM on CPU; `report-*`: the report."""
+    if name == "toy":
+        model = ModelConfig(
+            EncoderConfig(sentence_dim=64, max_length=32, random_init=True, backbone_overrides=dict(TOY_BACKBONE)),
+            DecoderConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, dropout=0.0, memory_slots=4))
+        return TrainConfig(preset=name, epochs=1, batch_size=16, lr=3e-3, val_limit=16, log_every=5, model=model)
+    if name == "small":
+        model = ModelConfig(EncoderConfig(sentence_dim=768, max_length=40, freeze_backbone=True),
+                            DecoderConfig(d_model=256, n_layers=3, n_heads=4, d_ff=1024, dropout=0.1))
+        return TrainConfig(preset=name, epochs=1, batch_size=64, lr=1e-3, train_limit=6000, val_limit=256,
+                           model=model)
+    if name in ("report-768", "report-2560"):
+        s = int(name.split("-")[1])
+        model = ModelConfig(EncoderConfig(sentence_dim=s, max_length=48),
+                            DecoderConfig(d_model=512, n_layers=6, n_heads=8, d_ff=2048, memory_slots=4))
+        return TrainConfig(preset=name, epochs=40, batch_size=128, lr=1e-4, val_limit=2048, bertscore_subset=256,
+                           model=model)
+    raise InvembError(f"unknown preset {name!r}; known: toy, small, report-768, report-2560")

@@ -1,0 +1,121 @@
+"""Headline data: read the Kaggle "Financial News Headlines" folder (or any CSV / text file), split 90/10.
+
+    records = load_headlines("../shared/data/financial-news-headlines")   # or env INVEMB_DATA
+    split = split_records(records, val_fraction=0.1, seed=0)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from invemb.errors import InvembError
+
+DATA_ENV = "INVEMB_DATA"
+DATA_HELP = ("expected the Kaggle 'Financial News Headlines' folder (cnbc_headlines.csv, guardian_headlines.csv, "
+             "reuters_headlines.csv; kaggle.com/datasets/notlucasp/financial-news-headlines), a CSV with a "
+             "'Headlines' (or 'headline'/'text') column, or a .txt file with one headline per line; "
+             f"pass --data PATH or set {DATA_ENV}")
+TEXT_COLUMNS = ("headlines", "headline", "text", "title", "sentence")
+_WS = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    source: str  # file stem, e.g. "cnbc_headlines"
+
+
+@dataclass
+class Split:
+    train: list[Record]
+    val: list[Record]
+
+
+def normalize(text: str) -> str:
+    """Collapse all whitespace (including non-breaking spaces and CR/LF) to single spaces and strip."""
+    return _WS.sub(" ", text.replace("\u00a0", " ")).strip()
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> Path:
+    """`path`, else $INVEMB_DATA; raises InvembError saying what was expected when neither points to data."""
+    raw = path if path not in (None, "") else os.environ.get(DATA_ENV, "")
+    if not raw:
+        raise InvembError(f"no data path given: {DATA_HELP}")
+    p = Path(raw).expanduser()
+    if not p.exists():
+        raise InvembError(f"data path {str(p)!r} does not exist: {DATA_HELP}")
+    return p
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvembError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_file(path: Path) -> list[Record]:
+    """Headlines of one .csv (a headline-like column) or .txt (one per line) file, normalised, empties dropped."""
+    text = _read_text(path)
+    if path.suffix.lower() == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if not header:
+            raise InvembError(f"{path} is empty: {DATA_HELP}")
+        lower = [h.strip().lower() for h in header]
+        col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
+        if col is None:
+            raise InvembError(f"{path} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
+        rows = (r[col] if col < len(r) else "" for r in reader)
+    else:
+        rows = text.splitlines()
+    return [Record(t, path.stem) for t in map(normalize, rows) if t]
+
+
+def load_headlines(path: str | os.PathLike | None = None, dedupe: bool = True) -> list[Record]:
+    """All headlines under `path` (a folder of .csv/.txt files, or one file), in file order, de-duplicated."""
+    p = resolve_data_path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".csv", ".txt")) if p.is_dir() else [p]
+    if not files:
+        raise InvembError(f"{p} holds no .csv or .txt files: {DATA_HELP}")
+    records: list[Record] = []
+    for f in files:
+        records.extend(read_file(f))
+    if dedupe:
+        seen: set[str] = set()
+        records = [r for r in records if not (r.text in seen or seen.add(r.text))]
+    if not records:
+        raise InvembError(f"no headlines found in {p}: {DATA_HELP}")
+    return records
+
+
+def split_records(records: list[Record], val_fraction: float = 0.1, seed: int = 0) -> Split:
+    """Deterministic seeded random split (the report's 90/10 protocol): same records + seed -> same split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise InvembError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise InvembError(f"only {len(records)} headline(s): too few to split into train and validation")
+    return Split(train=[records[i] for i in order[n_val:]], val=[records[i] for i in order[:n_val]])
+
+
+def load_split(path=None, val_fraction: float = 0.1, seed: int = 0) -> Split:
+    return split_records(load_headlines(path), val_fraction, seed)
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """Texts for the CLI: a .txt (one per line) or .csv file; raises on a missing file or on no texts."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvembError(f"texts file {str(p)!r} does not exist")
+    texts = [r.text for r in read_file(p)]
+    if not texts:
+        raise InvembError(f"{p} holds no non-empty texts")
+    return texts

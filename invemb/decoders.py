@@ -1,0 +1,194 @@
+"""Decoders conditioned only on the sentence vector.
+
+All share one interface:
+    forward(sentence_embedding [B,S], input_ids [B,T]) -> logits [B,T,V]   (teacher forcing; one-pass uses T only)
+Step decoders (transformer, gru) also have an explicit cache, a flat dict of tensors, batch on axis 0:
+    init_cache(sentence_embedding [N,S]) -> cache
+    step(input_ids [N,t], cache) -> (logits [N,t,V], cache)
+Cache names match the ONNX graphs: cross_key_<i>/cross_value_<i> [N,h,k,dh] (computed once),
+past_key_<i>/past_value_<i> [N,h,P,dh] (self-attention, grows by t each step); GRU: hidden [N,L,H].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from invemb.config import DecoderConfig
+
+Cache = dict[str, torch.Tensor]
+
+
+class Memory(nn.Module):
+    """Sentence vector [N,S] -> k memory slots [N,k,d]: a learned linear map + slot embeddings, LayerNorm."""
+
+    def __init__(self, sentence_dim: int, d_model: int, slots: int):
+        super().__init__()
+        self.slots, self.d_model = slots, d_model
+        self.proj = nn.Linear(sentence_dim, slots * d_model)
+        self.slot_emb = nn.Parameter(torch.zeros(slots, d_model))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(v).view(v.shape[0], self.slots, self.d_model) + self.slot_emb)
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # [N,T,d] -> [N,h,T,dh]
+    n, t, d = x.shape
+    return x.view(n, t, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _attend(q, k, v, mask=None):  # q [N,h,T,dh], k/v [N,h,P,dh], mask [T,P] bool (True = keep)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [N,h,T,P]
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(att, dim=-1) @ v  # [N,h,T,dh]
+    n, h, t, dh = out.shape
+    return out.transpose(1, 2).reshape(n, t, h * dh)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN: causal self-attention (KV cache) -> cross-attention to memory slots -> GELU MLP."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        d, self.h = cfg.d_model, cfg.n_heads
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.self_out = nn.Linear(d, d)
+        self.q_cross = nn.Linear(d, d)
+        self.kv_cross = nn.Linear(d, 2 * d)
+        self.cross_out = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def cross_kv(self, memory: torch.Tensor):  # memory [N,k,d] -> 2 x [N,h,k,dh]
+        k, v = self.kv_cross(memory).chunk(2, dim=-1)
+        return _heads(k, self.h), _heads(v, self.h)
+
+    def forward(self, x, past_k, past_v, cross_k, cross_v):
+        # x [N,t,d]; past_k/v [N,h,P,dh]; cross_k/v [N,h,k,dh] -> x [N,t,d], present_k/v [N,h,P+t,dh]
+        t, p = x.shape[1], past_k.shape[2]
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        k = torch.cat([past_k, _heads(k, self.h)], dim=2)
+        v = torch.cat([past_v, _heads(v, self.h)], dim=2)
+        pos_q = torch.arange(t, device=x.device).unsqueeze(1) + p  # [t,1]
+        causal = torch.arange(p + t, device=x.device).unsqueeze(0) <= pos_q  # [t,P+t]
+        x = x + self.drop(self.self_out(_attend(_heads(q, self.h), k, v, causal)))
+        x = x + self.drop(self.cross_out(_attend(_heads(self.q_cross(self.ln2(x)), self.h), cross_k, cross_v)))
+        x = x + self.drop(self.mlp(self.ln3(x)))
+        return x, k, v
+
+
+class TransformerDecoder(nn.Module):
+    """Autoregressive transformer decoder that cross-attends to k memory slots made from the vector."""
+    supports_step = True
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int):
+        super().__init__()
+        self.cfg, self.max_length = cfg, max_length
+        self.tok = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(max_length, cfg.d_model)
+        self.memory = Memory(sentence_dim, cfg.d_model, cfg.memory_slots)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok.weight
+
+    def init_cache(self, sentence_embedding: torch.Tensor) -> Cache:
+        mem = self.memory(sentence_embedding)  # [N,k,d]
+        n, h = mem.shape[0], self.cfg.n_heads
+        empty = mem.new_zeros(n, h, 0, self.cfg.d_model // h)
+        cache: Cache = {}
+        for i, layer in enumerate(self.layers):
+            cache[f"cross_key_{i}"], cache[f"cross_value_{i}"] = layer.cross_kv(mem)
+            cache[f"past_key_{i}"], cache[f"past_value_{i}"] = empty, empty
+        return cache
+
+    def step(self, input_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        p = cache["past_key_0"].shape[2]
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device) + p  # [t]
+        x = self.drop(self.tok(input_ids) + self.pos(pos))  # [N,t,d]
+        new: Cache = {}
+        for i, layer in enumerate(self.layers):
+            ck, cv = cache[f"cross_key_{i}"], cache[f"cross_value_{i}"]
+            x, new[f"past_key_{i}"], new[f"past_value_{i}"] = layer(
+                x, cache[f"past_key_{i}"], cache[f"past_value_{i}"], ck, cv)
+            new[f"cross_key_{i}"], new[f"cross_value_{i}"] = ck, cv
+        return self.head(self.ln_f(x)), new  # logits [N,t,V]
+
+    def forward(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.step(input_ids, self.init_cache(sentence_embedding))[0]
+
+
+class GRUDecoder(nn.Module):
+    """RNN baseline: the vector initialises the GRU state (and is fed at every step)."""
+    supports_step = True
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int):
+        super().__init__()
+        self.cfg, self.max_length = cfg, max_length
+        d, layers = cfg.d_model, cfg.n_layers
+        self.tok = nn.Embedding(vocab_size, d)
+        self.init_h = nn.Linear(sentence_dim, layers * d)
+        self.vec_in = nn.Linear(sentence_dim, d)
+        self.gru = nn.GRU(2 * d, d, num_layers=layers, batch_first=True, dropout=cfg.dropout if layers > 1 else 0)
+        self.head = nn.Linear(d, vocab_size)
+
+    def init_cache(self, sentence_embedding: torch.Tensor) -> Cache:
+        n = sentence_embedding.shape[0]
+        h = torch.tanh(self.init_h(sentence_embedding)).view(n, self.cfg.n_layers, self.cfg.d_model)
+        return {"hidden": h, "context": self.vec_in(sentence_embedding)}  # [N,L,d], [N,d]
+
+    def step(self, input_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        ctx = cache["context"]
+        x = torch.cat([self.tok(input_ids), ctx.unsqueeze(1).expand(-1, input_ids.shape[1], -1)], dim=-1)
+        out, h = self.gru(x, cache["hidden"].transpose(0, 1).contiguous())  # out [N,t,d], h [L,N,d]
+        return self.head(out), {"hidden": h.transpose(0, 1), "context": ctx}
+
+    def forward(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.step(input_ids, self.init_cache(sentence_embedding))[0]
+
+
+class OnePassDecoder(nn.Module):
+    """Non-autoregressive: vector + positional embeddings -> transformer encoder layers -> all positions at once."""
+    supports_step = False
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int):
+        super().__init__()
+        self.cfg, self.max_length = cfg, max_length
+        self.memory = Memory(sentence_dim, cfg.d_model, cfg.memory_slots)
+        self.pos = nn.Embedding(max_length, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+
+    def forward(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor | None = None,
+                length: int | None = None) -> torch.Tensor:
+        t = input_ids.shape[1] if input_ids is not None else (length or self.max_length)
+        mem = self.memory(sentence_embedding)  # [N,k,d]
+        pos = self.pos(torch.arange(t, device=mem.device)).unsqueeze(0).expand(mem.shape[0], -1, -1)  # [N,t,d]
+        x = self.body(torch.cat([mem, pos + mem.mean(1, keepdim=True)], dim=1))[:, mem.shape[1]:]
+        return self.head(self.ln_f(x))  # [N,t,V]
+
+
+DECODER_CLASSES = {"transformer": TransformerDecoder, "gru": GRUDecoder, "onepass": OnePassDecoder}
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+def build_decoder(cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int) -> nn.Module:
+    decoder = DECODER_CLASSES[cfg.kind](cfg, vocab_size, sentence_dim, max_length)
+    decoder.apply(_init_weights)  # GPT-style N(0, 0.02): small initial logits with tied embeddings
+    return decoder

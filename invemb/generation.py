@@ -1,0 +1,176 @@
+"""The ONE greedy / beam search, in numpy, over a small step interface.
+
+Any backend (torch, ONNX Runtime, Triton BLS, a gRPC client) plugs in by implementing `Stepper`:
+
+    start(num_beams) -> (log_probs [B*num_beams, V], cache)   # consumes BOS; row b*num_beams + j is beam j of item b
+    step(tokens [N] int64, cache) -> (log_probs [N, V], cache)
+    reorder(cache, rows [N] int64) -> cache                  # keep/duplicate rows (beam reordering, finished items)
+
+This module imports only numpy so that servers and clients can use it without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+NEG_INF = -1e9
+
+
+class Stepper(Protocol):
+    batch_size: int
+
+    def start(self, num_beams: int) -> tuple[np.ndarray, Any]: ...
+
+    def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
+
+    def reorder(self, cache: Any, rows: np.ndarray) -> Any: ...
+
+
+def reorder_rows(cache: dict, rows: np.ndarray) -> dict:
+    """Default `reorder` for a dict of arrays/tensors with batch on axis 0."""
+    return {k: v[rows] for k, v in cache.items()}
+
+
+@dataclass
+class GenerationConfig:
+    beam_size: int = 4
+    max_length: int = 48  # generated tokens, EOS included
+    length_penalty: float = 1.0  # score = sum(log p) / length ** length_penalty
+    no_repeat_ngram_size: int = 0
+    eos_id: int = 102
+    num_return: int = 1  # hypotheses kept per item (<= beam_size)
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, EOS excluded
+    score: float  # length-normalised log-probability
+    log_prob: float  # sum of token log-probabilities (EOS included when it ended)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(axis=-1, keepdims=True)
+    z = logits - m
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _ban_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int) -> None:
+    """In place: forbid tokens that would repeat an n-gram already in each row's history [N,t]."""
+    if n <= 0 or history.shape[1] < n:
+        return
+    t = history.shape[1]
+    for r in range(history.shape[0]):
+        row = history[r]
+        prefix = tuple(row[t - n + 1:]) if n > 1 else ()
+        for i in range(t - n + 1):
+            if tuple(row[i:i + n - 1]) == prefix:
+                log_probs[r, row[i + n - 1]] = NEG_INF
+
+
+def greedy_search(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
+    """Argmax decoding for every item at once; finished rows are dropped from the batch."""
+    lp, cache = stepper.start(1)
+    b = lp.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    totals = np.zeros(b)
+    done = np.zeros(b, dtype=bool)
+    alive = np.arange(b)  # item index of each cache row
+    for t in range(cfg.max_length):
+        if cfg.no_repeat_ngram_size:
+            history = np.array([tokens[i] for i in alive], dtype=np.int64).reshape(len(alive), t)
+            _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
+        nxt = lp.argmax(-1)
+        totals[alive] += lp[np.arange(len(alive)), nxt]
+        ended = nxt == cfg.eos_id
+        for row, item in enumerate(alive):
+            if ended[row]:
+                done[item] = True
+            else:
+                tokens[item].append(int(nxt[row]))
+        keep = np.flatnonzero(~ended)
+        if keep.size == 0 or t == cfg.max_length - 1:
+            break
+        if keep.size < len(alive):
+            cache, alive, nxt = stepper.reorder(cache, keep), alive[keep], nxt[keep]
+        lp, cache = stepper.step(nxt.astype(np.int64), cache)
+    return [Hypothesis(tokens[i], float(totals[i]) / max(1, len(tokens[i]) + done[i]) ** cfg.length_penalty,
+                       float(totals[i])) for i in range(b)]
+
+
+def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis]]:
+    """Batched beam search. Returns, per item, up to `num_return` hypotheses sorted by score (best first).
+
+    An item is finished when it holds `beam_size` ended hypotheses and no live beam can beat the worst of them
+    (the live beam's score at the current length is the bound, exact for length_penalty <= 0). Items that finish
+    leave the batch; the search stops when all items finished or `max_length` tokens were generated.
+    """
+    k = cfg.beam_size
+    if k < 1:
+        raise ValueError("beam_size must be >= 1")
+    lp, cache = stepper.start(k)  # [B*k, V]
+    b, v = lp.shape[0] // k, lp.shape[1]
+    scores = np.full((b, k), NEG_INF)
+    scores[:, 0] = 0.0  # all beams start identical: keep only one alive at the first step
+    history = np.zeros((b * k, 0), dtype=np.int64)
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    alive = np.arange(b)  # item index of each block of k cache rows
+
+    def norm(raw: float, length: int) -> float:
+        return raw / max(1, length) ** cfg.length_penalty
+
+    for t in range(cfg.max_length):
+        n_alive = len(alive)
+        _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
+        cand = (scores[:, :, None] + lp.reshape(n_alive, k, v)).reshape(n_alive, k * v)  # [A, k*V]
+        top = np.argsort(-cand, axis=1, kind="stable")[:, :2 * k]  # [A, 2k]
+        new_scores = np.full((n_alive, k), NEG_INF)
+        new_rows = np.zeros((n_alive, k), dtype=np.int64)
+        new_tok = np.zeros((n_alive, k), dtype=np.int64)
+        still = np.ones(n_alive, dtype=bool)
+        last = t == cfg.max_length - 1
+        for a in range(n_alive):
+            item, fin, j = alive[a], finished[alive[a]], 0
+            for rank, c in enumerate(top[a]):
+                s = cand[a, c]
+                if s <= NEG_INF / 2:
+                    break
+                beam, tok = divmod(int(c), v)
+                row = a * k + beam
+                if tok == cfg.eos_id:
+                    if rank < k:
+                        fin.append(Hypothesis(history[row].tolist(), norm(s, t + 1), float(s)))
+                    continue
+                new_scores[a, j], new_rows[a, j], new_tok[a, j] = s, row, tok
+                j += 1
+                if j == k:
+                    break
+            fin.sort(key=lambda h: -h.score)
+            del fin[k:]
+            if last:  # out of length: live beams become hypotheses too
+                for jj in range(j):
+                    row = new_rows[a, jj]
+                    fin.append(Hypothesis(history[row].tolist() + [int(new_tok[a, jj])],
+                                          norm(new_scores[a, jj], t + 1), float(new_scores[a, jj])))
+                fin.sort(key=lambda h: -h.score)
+            best_live = new_scores[a].max()
+            if j == 0 or (len(fin) >= k and norm(best_live, t + 1) <= fin[k - 1].score):
+                still[a] = False
+        if last or not still.any():
+            break
+        keep = np.flatnonzero(still)
+        rows = new_rows[keep].reshape(-1)  # [A'*k] rows of the current cache
+        history = np.concatenate([history[rows], new_tok[keep].reshape(-1, 1)], axis=1)
+        scores, alive = new_scores[keep], alive[keep]
+        cache = stepper.reorder(cache, rows)
+        lp, cache = stepper.step(new_tok[keep].reshape(-1), cache)
+    n = max(1, min(cfg.num_return, k))
+    return [sorted(f, key=lambda h: -h.score)[:n] for f in finished]
+
+
+def generate(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
+    """Best hypothesis per item: greedy when beam_size == 1, else beam search."""
+    if cfg.beam_size == 1:
+        return greedy_search(stepper, cfg)
+    return [hyps[0] for hyps in beam_search(stepper, cfg)]

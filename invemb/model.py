@@ -1,0 +1,236 @@
+"""`InvertibleEmbedder`: text -> one vector -> text, with self-contained save/load.
+
+    model = InvertibleEmbedder.from_pretrained("runs/small/final")
+    vecs = model.encode(["Oil prices fall as OPEC output rises"])   # np.ndarray [1,S]
+    model.decode(vecs, beam_size=4)                                  # ["oil prices fall as opec output rises"]
+
+A checkpoint folder holds config.json, model.safetensors (no pickle) and the tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from invemb.config import ModelConfig
+from invemb.decoders import build_decoder
+from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
+from invemb.errors import InvembError
+from invemb.generation import GenerationConfig, generate, log_softmax, reorder_rows
+
+log = logging.getLogger("invemb")
+FORMAT_VERSION = 1
+IGNORE = -100
+
+
+class TorchStepper:
+    """The generation Stepper for a torch step decoder (transformer or GRU)."""
+
+    def __init__(self, decoder: nn.Module, vectors: torch.Tensor, bos_id: int):
+        self.decoder, self.vectors, self.bos_id = decoder, vectors, bos_id
+        self.batch_size = vectors.shape[0]
+
+    @torch.no_grad()
+    def start(self, num_beams: int):
+        cache = self.decoder.init_cache(self.vectors)  # rows [B]
+        cache = reorder_rows(cache, torch.arange(self.batch_size).repeat_interleave(num_beams))  # [B*beams]
+        bos = np.full(self.batch_size * num_beams, self.bos_id, dtype=np.int64)
+        return self.step(bos, cache)
+
+    @torch.no_grad()
+    def step(self, tokens: np.ndarray, cache):
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.vectors.device).view(-1, 1)  # [N,1]
+        logits, cache = self.decoder.step(ids, cache)  # [N,1,V]
+        return log_softmax(logits[:, -1].float().cpu().numpy()), cache
+
+    def reorder(self, cache, rows: np.ndarray):
+        return reorder_rows(cache, torch.as_tensor(rows, dtype=torch.long, device=self.vectors.device))
+
+
+class InvertibleEmbedder(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer=None, backbone: nn.Module | None = None):
+        super().__init__()
+        self.config = config.validate()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.encoder.model_name)
+        self.encoder = SentenceEncoder(config.encoder, backbone if backbone is not None else load_backbone(
+            config.encoder))
+        tok = self.tokenizer
+        self.bos_id, self.eos_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+        if None in (self.bos_id, self.eos_id, self.pad_id):
+            raise InvembError("the tokenizer needs [CLS]/[SEP]/[PAD]-style special tokens (a BERT-family model)")
+        self.decoder = build_decoder(config.decoder, len(tok), config.encoder.sentence_dim,
+                                     config.encoder.max_length)
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def sentence_dim(self) -> int:
+        return self.config.encoder.sentence_dim
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts -> input_ids/attention_mask [B,T]; empty texts are an error, long ones truncated with a warning."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [" ".join(str(t).split()) for t in texts]
+        empty = [i for i, t in enumerate(texts) if not t]
+        if empty:
+            raise InvembError(f"empty or whitespace-only text at position(s) {empty[:10]}")
+        max_len = self.config.encoder.max_length
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
+                             return_overflowing_tokens=False)
+        n_long = int((enc["attention_mask"].sum(1) >= max_len).sum())
+        if n_long:
+            log.warning("%d text(s) reached max_length=%d tokens and may have been truncated", n_long, max_len)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def reference_texts(self, texts: Sequence[str]) -> list[str]:
+        """What a perfect reconstruction reads: the texts after tokenization (lower-cased, truncated)."""
+        return self.detokenize(self.tokenize(texts)["input_ids"].tolist())
+
+    def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Token ids -> readable text: special tokens dropped, WordPiece spacing around punctuation undone."""
+        return [detokenize_spacing(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # ----------------------------------------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                sentence_embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100)."""
+        if sentence_embedding is None:
+            sentence_embedding = self.encoder(input_ids, attention_mask)  # [B,S]
+        dec_in = input_ids[:, :-1]  # [B,T-1]
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE)  # [B,T-1]
+        logits = self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        return {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
+
+    # ----------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Texts -> float32 [B,S]."""
+        from tqdm.auto import tqdm
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        self.eval()
+        out = []
+        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="encode", unit="batch"):
+            batch = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            out.append(self.encoder(**batch).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.sentence_dim), np.float32)
+
+    def check_vectors(self, vectors) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.sentence_dim:
+            raise InvembError(f"vectors must have shape [N, {self.sentence_dim}], got {list(np.shape(vectors))}")
+        bad = np.flatnonzero(~np.isfinite(v).all(1))
+        if bad.size:
+            raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
+        return v
+
+    def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
+        return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,
+                                max_length=max_length or self.config.encoder.max_length - 1, **kw)
+
+    @torch.no_grad()
+    def decode_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
+        v = torch.as_tensor(self.check_vectors(vectors), device=self.device)
+        self.eval()
+        cfg = self.generation_config(beam_size, max_length, **kw)
+        if not self.decoder.supports_step:  # one-pass: all positions at once, cut at the first EOS
+            ids = self.decoder(v, length=cfg.max_length).argmax(-1).cpu().tolist()
+            return [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in ids]
+        return [h.tokens for h in generate(TorchStepper(self.decoder, v, self.bos_id), cfg)]
+
+    def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
+               progress: bool = False, **kw) -> list[str]:
+        """Vectors [N,S] -> texts. beam_size=1 is greedy. kw: length_penalty, no_repeat_ngram_size."""
+        from tqdm.auto import tqdm
+        v = self.check_vectors(vectors)
+        ids: list[list[int]] = []
+        for i in tqdm(range(0, len(v), batch_size), disable=not progress, desc="decode", unit="batch"):
+            ids.extend(self.decode_ids(v[i:i + batch_size], beam_size, max_length, **kw))
+        return self.detokenize(ids)
+
+    # ----------------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors + tokenizer files atomically (temp folder, then rename)."""
+        from safetensors.torch import save_model
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            meta = {"format_version": FORMAT_VERSION, "invemb_model": self.config.to_dict(),
+                    "backbone_config": self.encoder.backbone.config.to_dict(), "vocab_size": len(self.tokenizer),
+                    "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / "model.safetensors"))
+            self.tokenizer.save_pretrained(str(tmp))
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "InvertibleEmbedder":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        path = Path(path)
+        meta = read_checkpoint_config(path)
+        config = ModelConfig.from_dict(meta["invemb_model"])
+        bcfg = dict(meta["backbone_config"])
+        hf_cfg = AutoConfig.for_model(bcfg.pop("model_type"), **bcfg)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = cls(config, tokenizer, AutoModel.from_config(hf_cfg))
+        try:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InvembError(f"{path / 'model.safetensors'} is corrupted or incompatible: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+        if missing or unexpected:
+            raise InvembError(f"{path} does not match its config.json: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+        return model.to(device).eval()
+
+
+_NO_SPACE_BEFORE = re.compile(r" ([.,!?:;%)\]}])")
+_NO_SPACE_AFTER = re.compile(r"([(\[{$£€]) ")
+_JOINERS = re.compile(r"(?<=\w) ?([-'/&]) ?(?=\w)")
+_CLITIC = re.compile(r"(\w) ' (s|t|re|ll|ve|d|m)\b")
+
+
+def detokenize_spacing(text: str) -> str:
+    """Undo WordPiece's spaces: "cramer ' s week : covid - 19 , 5 %" -> "cramer's week: covid-19, 5%"."""
+    text = _CLITIC.sub(r"\1'\2", text)
+    text = _JOINERS.sub(r"\1", text)
+    text = _NO_SPACE_BEFORE.sub(r"\1", text)
+    return _NO_SPACE_AFTER.sub(r"\1", text)
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise InvembError(f"{path} is not an invemb checkpoint (expected config.json and model.safetensors)")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise InvembError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "invemb_model" not in meta:
+        raise InvembError(f"{path / 'config.json'} is not an invemb checkpoint config "
+                          f"(format_version {FORMAT_VERSION} expected)")
+    return meta
