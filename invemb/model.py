@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from invemb.decoders import build_decoder
 from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, generate, log_softmax, reorder_rows
+from invemb.text import detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401 (re-exported)
 
 log = logging.getLogger("invemb")
 FORMAT_VERSION = 1
@@ -82,19 +82,7 @@ class InvertibleEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> input_ids/attention_mask [B,T]; empty texts are an error, long ones truncated with a warning."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [" ".join(str(t).split()) for t in texts]
-        empty = [i for i, t in enumerate(texts) if not t]
-        if empty:
-            raise InvembError(f"empty or whitespace-only text at position(s) {empty[:10]}")
-        max_len = self.config.encoder.max_length
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
-                             return_overflowing_tokens=False)
-        n_long = int((enc["attention_mask"].sum(1) >= max_len).sum())
-        if n_long:
-            log.warning("%d text(s) reached max_length=%d tokens and may have been truncated", n_long, max_len)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return tokenize_texts(self.tokenizer, texts, self.config.encoder.max_length, return_tensors="pt")
 
     def reference_texts(self, texts: Sequence[str]) -> list[str]:
         """What a perfect reconstruction reads: the texts after tokenization (lower-cased, truncated)."""
@@ -102,7 +90,7 @@ class InvertibleEmbedder(nn.Module):
 
     def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Token ids -> readable text: special tokens dropped, WordPiece spacing around punctuation undone."""
-        return [detokenize_spacing(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return detokenize_ids(self.tokenizer, ids)
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -207,20 +195,6 @@ class InvertibleEmbedder(nn.Module):
             raise InvembError(f"{path} does not match its config.json: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
         return model.to(device).eval()
-
-
-_NO_SPACE_BEFORE = re.compile(r" ([.,!?:;%)\]}])")
-_NO_SPACE_AFTER = re.compile(r"([(\[{$£€]) ")
-_JOINERS = re.compile(r"(?<=\w) ?([-'/&]) ?(?=\w)")
-_CLITIC = re.compile(r"(\w) ' (s|t|re|ll|ve|d|m)\b")
-
-
-def detokenize_spacing(text: str) -> str:
-    """Undo WordPiece's spaces: "cramer ' s week : covid - 19 , 5 %" -> "cramer's week: covid-19, 5%"."""
-    text = _CLITIC.sub(r"\1'\2", text)
-    text = _JOINERS.sub(r"\1", text)
-    text = _NO_SPACE_BEFORE.sub(r"\1", text)
-    return _NO_SPACE_AFTER.sub(r"\1", text)
 
 
 def read_checkpoint_config(path: Path) -> dict:
