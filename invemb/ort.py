@@ -1,0 +1,193 @@
+"""ONNX Runtime backend: a generation Stepper over decoder_init/decoder_step, and `OnnxEmbedder` (text <-> vector
+from an export folder made by export/to_onnx.py, reading only manifest.json, the graphs and tokenizer/).
+
+    emb = OnnxEmbedder("onnx/small")            # or OnnxEmbedder("onnx/small", variant="int8")
+    vecs = emb.encode(["Oil prices fall as OPEC output rises"])   # float32 [1,S]
+    emb.decode(vecs, beam_size=4)                                 # same texts as InvertibleEmbedder.decode
+
+No torch here; onnxruntime and transformers (tokenizer) are imported lazily.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from invemb.errors import InvembError
+from invemb.generation import GenerationConfig, generate, reorder_rows
+
+MANIFEST_VERSION = 1
+DEFAULT_THREADS = 2
+
+
+def read_manifest(export_dir: str | os.PathLike) -> dict:
+    """manifest.json of an export folder; InvembError when absent, unreadable or of another format version."""
+    path = Path(export_dir) / "manifest.json"
+    if not path.is_file():
+        raise InvembError(f"{export_dir} is not an invemb ONNX export (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvembError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_VERSION:
+        raise InvembError(f"{path}: unsupported manifest (format_version {MANIFEST_VERSION} expected)")
+    return manifest
+
+
+def session_options(threads: int | None = None):
+    """ORT session options: intra-op threads (default $INVEMB_ORT_THREADS or 2), one inter-op thread."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or os.environ.get("INVEMB_ORT_THREADS", DEFAULT_THREADS))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only
+    return opts
+
+
+def make_session(path: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None):
+    import onnxruntime as ort
+    path = Path(path)
+    if not path.is_file():
+        raise InvembError(f"ONNX graph {path} does not exist")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads),
+                                    providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise InvembError(f"cannot load ONNX graph {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def cache_feed_name(output_name: str, step_inputs: Sequence[str]) -> str | None:
+    """The decoder_step input an init/step output feeds: present_X -> past_X (or X); cross_*/context keep names."""
+    if output_name in step_inputs:
+        return output_name
+    if output_name.startswith("present_"):
+        base = output_name[len("present_"):]
+        for cand in (f"past_{base}", base):
+            if cand in step_inputs:
+                return cand
+    return None
+
+
+class OrtStepper:
+    """The generation Stepper (invemb.generation) over ONNX Runtime sessions of decoder_init / decoder_step.
+
+    The cache is a dict of numpy arrays named like decoder_step's inputs (cross_*, past_* or hidden/context),
+    batch on axis 0; `start` runs decoder_init once per item and repeats rows for the beams.
+    """
+
+    def __init__(self, init_session, step_session, vectors: np.ndarray):
+        self.init, self.sess = init_session, step_session
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [B,S]
+        self.batch_size = self.vectors.shape[0]
+        self.step_inputs = [i.name for i in step_session.get_inputs()]
+        self.init_outputs = [o.name for o in init_session.get_outputs()]
+        self.step_outputs = [o.name for o in step_session.get_outputs()]
+        self._feed = {n: cache_feed_name(n, self.step_inputs) for n in self.init_outputs + self.step_outputs}
+        missing = set(self.step_inputs) - {"input_ids"} - {v for v in self._feed.values() if v}
+        if self.init_outputs[0] != "log_probs" or missing:
+            raise InvembError(f"decoder_init/decoder_step graphs do not fit together (unfed inputs {sorted(missing)})")
+
+    def _cache(self, names: list[str], arrays: list[np.ndarray], cache: dict | None = None) -> dict:
+        new = dict(cache or {})
+        for n, a in zip(names, arrays):
+            if self._feed.get(n):
+                new[self._feed[n]] = a
+        return new
+
+    def start(self, num_beams: int):
+        outs = self.init.run(None, {"sentence_embedding": self.vectors})  # log_probs [B,V], cache [B,...]
+        rows = np.repeat(np.arange(self.batch_size), num_beams)  # [B*beams]
+        return outs[0][rows], reorder_rows(self._cache(self.init_outputs[1:], outs[1:]), rows)
+
+    def step(self, tokens: np.ndarray, cache: dict):
+        feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), **cache}  # input_ids [N,1]
+        outs = self.sess.run(None, feeds)
+        return outs[0], self._cache(self.step_outputs[1:], outs[1:], cache)
+
+    def reorder(self, cache: dict, rows: np.ndarray) -> dict:
+        return reorder_rows(cache, np.asarray(rows, dtype=np.int64))
+
+
+class OnnxEmbedder:
+    """Text <-> vector with ONNX Runtime from an export folder; same tokenization, search and detokenization as
+    InvertibleEmbedder (so the texts are identical to the torch model's up to fp32 rounding)."""
+
+    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] | None = None, variant: str | None = None):
+        from transformers import AutoTokenizer
+        self.dir = Path(export_dir)
+        self.manifest = m = read_manifest(self.dir)
+        self.sentence_dim, self.max_length = int(m["sentence_dim"]), int(m["max_length"])
+        ids = m["special_ids"]
+        self.bos_id, self.eos_id, self.pad_id = int(ids["bos"]), int(ids["eos"]), int(ids["pad"])
+        files = {name: g["file"] for name, g in m["graphs"].items()}
+        if variant:
+            if variant not in m.get("variants", {}):
+                raise InvembError(f"{self.dir} has no {variant!r} variant (known: {sorted(m.get('variants', {}))}; "
+                                  f"make one with export/optimize.py)")
+            files.update(m["variants"][variant]["files"])
+        self.files = files
+        self.sessions = {name: make_session(self.dir / f, threads, providers) for name, f in files.items()}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / m["tokenizer_dir"]))
+        except (OSError, ValueError) as e:
+            raise InvembError(f"cannot load the tokenizer of {self.dir}: {str(e).splitlines()[0]}") from None
+
+    # ----------------------------------------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        from invemb.text import tokenize_texts
+        return tokenize_texts(self.tokenizer, texts, self.max_length, return_tensors="np")
+
+    def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        from invemb.text import detokenize_ids
+        return detokenize_ids(self.tokenizer, ids)
+
+    def encode(self, texts: Sequence[str] | str, batch_size: int = 64) -> np.ndarray:
+        """Texts -> float32 [B,S]."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = [self.sessions["encoder"].run(["sentence_embedding"], self.tokenize(texts[i:i + batch_size]))[0]
+               for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.sentence_dim), np.float32)
+
+    # ----------------------------------------------------------------------------------------------- vectors
+    def check_vectors(self, vectors) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.sentence_dim:
+            raise InvembError(f"vectors must have shape [N, {self.sentence_dim}], got {list(np.shape(vectors))}")
+        bad = np.flatnonzero(~np.isfinite(v).all(1))
+        if bad.size:
+            raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
+        return v
+
+    def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
+        return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,
+                                max_length=max_length or self.max_length - 1, **kw)
+
+    def stepper(self, vectors: np.ndarray) -> OrtStepper:
+        return OrtStepper(self.sessions["decoder_init"], self.sessions["decoder_step"], vectors)
+
+    def decode_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
+        v = self.check_vectors(vectors)
+        cfg = self.generation_config(beam_size, max_length, **kw)
+        if "decoder_onepass" in self.sessions:  # all positions at once, cut at the first EOS
+            t = self.max_length - 1
+            if cfg.max_length != t:
+                raise InvembError(f"the one-pass graph decodes exactly {t} positions (max_length={cfg.max_length})")
+            ids = self.sessions["decoder_onepass"].run(["logits"], {"sentence_embedding": v})[0].argmax(-1).tolist()
+            return [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in ids]
+        return [h.tokens for h in generate(self.stepper(v), cfg)]
+
+    def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
+               **kw) -> list[str]:
+        """Vectors [N,S] -> texts. beam_size=1 is greedy. kw: length_penalty, no_repeat_ngram_size."""
+        v = self.check_vectors(vectors)
+        ids: list[list[int]] = []
+        for i in range(0, len(v), batch_size):
+            ids.extend(self.decode_ids(v[i:i + batch_size], beam_size, max_length, **kw))
+        return self.detokenize(ids)
