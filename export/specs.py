@@ -123,7 +123,8 @@ def gru_specs(d: Dims) -> list[GraphSpec]:
     init = GraphSpec("decoder_init", (_f("sentence_embedding", "batch", d.sentence_dim),),
                      (log_probs, context, _f("present_hidden", "batch", d.num_layers, d.d_model)), LOGPROB_TOL,
                      "init_cache + step(BOS); feed present_hidden back as hidden")
-    step = GraphSpec("decoder_step", (TensorSpec("input_ids", "int64", ("batch", "new")), hidden, context),
+    # torch.export specialises nn.GRU's sequence length: the GRU step graph takes one token per call.
+    step = GraphSpec("decoder_step", (TensorSpec("input_ids", "int64", ("batch", 1)), hidden, context),
                      (log_probs, _f("present_hidden", "batch", d.num_layers, d.d_model)), LOGPROB_TOL,
                      "log_softmax of the last new position")
     return [init, step]
