@@ -1,0 +1,112 @@
+"""Triton python model `beam_search` (BLS): sentence_embedding [batch, S] -> text (BYTES), score [batch, 1].
+
+Runs the core's ONE search, `invemb.generation.generate`, with an `invemb.graph_stepper.GraphStepper` whose
+start/step call the `decoder_init` / `decoder_step` models through `pb_utils.InferenceRequest(...).exec()`, then
+the core's detokenization (`invemb.text.detokenize_ids`). Optional inputs `beam_size` and `max_length` (int32,
+one value per request; defaults: parameter `default_beam_size`, the manifest's generation max length).
+Requests the dynamic batcher hands over together with the same settings share one search.
+Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _param(config: dict, key: str, default: int) -> int:
+    return int(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
+    """Runner for GraphStepper: one BLS call to the Triton model `graph`; outputs as numpy (CPU memory)."""
+    kw = {}
+    if hasattr(pb_utils, "PreferredMemory"):  # outputs in CPU memory even when the decoder runs on a GPU
+        kw["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+    request = pb_utils.InferenceRequest(model_name=graph, requested_output_names=list(output_names),
+                                        inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in feeds.items()],
+                                        **kw)
+    response = request.exec()
+    if response.has_error():
+        raise RuntimeError(f"{graph}: {response.error().message()}")
+    return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in output_names}
+
+
+def invalid_arg(message: str):
+    """An error status for a bad request: INVALID_ARGUMENT where the python backend supports codes."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from invemb.graph_stepper import cache_plan, load_export_tokenizer, read_manifest
+        config = json.loads(args["model_config"])
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.manifest = read_manifest(folder)
+        cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
+        self.tokenizer = load_export_tokenizer(folder, self.manifest)
+        self.default_beam = _param(config, "default_beam_size", 4)
+        self.max_beam = _param(config, "max_beam_size", 8)
+
+    def _settings(self, request) -> tuple[np.ndarray, int, int | None]:
+        """Validated (vectors [B,S], beam_size, max_length) of one request; InvembError when bad."""
+        from invemb.errors import InvembError
+        from invemb.graph_stepper import check_vectors, generation_config
+        vectors = check_vectors(self.manifest, pb_utils.get_input_tensor_by_name(request, "sentence_embedding")
+                                .as_numpy())
+
+        def scalar(name: str):
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                return None
+            values = np.unique(t.as_numpy())
+            if values.size != 1:
+                raise InvembError(f"{name} must hold one value per request, got {values.tolist()[:5]}")
+            return int(values[0])
+
+        beam = scalar("beam_size")
+        beam = self.default_beam if beam is None else beam
+        if not 1 <= beam <= self.max_beam:
+            raise InvembError(f"beam_size must be in [1, {self.max_beam}], got {beam}")
+        max_length = scalar("max_length")
+        generation_config(self.manifest, beam, max_length)  # validates max_length
+        return vectors, beam, max_length
+
+    def execute(self, requests):
+        from invemb.errors import InvembError
+        from invemb.generation import generate
+        from invemb.graph_stepper import GraphStepper, generation_config
+        from invemb.text import detokenize_ids
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        for r, request in enumerate(requests):
+            try:
+                vectors, beam, max_length = self._settings(request)
+                groups.setdefault((beam, max_length), []).append((r, vectors))
+            except InvembError as e:
+                responses[r] = pb_utils.InferenceResponse(error=invalid_arg(f"beam_search: {e}"))
+            except Exception as e:  # noqa: BLE001
+                responses[r] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"beam_search: {type(e).__name__}: {str(e)[:300]}"))
+        for (beam, max_length), members in groups.items():
+            try:
+                vectors = np.concatenate([v for _, v in members])  # [sum B, S]
+                hyps = generate(GraphStepper(bls_run, self.manifest, vectors),
+                                generation_config(self.manifest, beam, max_length))
+                texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
+                start = 0
+                for r, v in members:
+                    rows = slice(start, start + len(v))
+                    start += len(v)
+                    text = np.array([t.encode("utf-8") for t in texts[rows]], dtype=np.object_).reshape(-1, 1)
+                    score = np.array([h.score for h in hyps[rows]], dtype=np.float32).reshape(-1, 1)
+                    responses[r] = pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("text", text), pb_utils.Tensor("score", score)])
+            except Exception as e:  # noqa: BLE001 - e.g. a decoder model failed: every request of the group
+                msg = f"beam_search: {type(e).__name__}: {str(e)[:500]}"
+                for r, _ in members:
+                    responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+        return responses

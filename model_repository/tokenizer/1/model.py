@@ -1,0 +1,71 @@
+"""Triton python model `tokenizer`: BYTES text [batch, 1] -> input_ids, attention_mask int64 [batch, T].
+
+Exactly the core's tokenization (invemb.text.tokenize_texts, what InvertibleEmbedder.tokenize runs): whitespace
+collapsed, [CLS] ... [SEP], truncated to the manifest's max_length, padded to the request's longest text.
+Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
+A bad request (empty text, invalid UTF-8, a text over `max_text_chars`) gets an error response naming the row;
+the other requests of the batch are served.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
+    """BYTES [batch, 1] -> str per row; invalid UTF-8 or an over-long text is an InvembError naming the row."""
+    from invemb.errors import InvembError
+    texts = []
+    for i, item in enumerate(raw.reshape(-1)):
+        if isinstance(item, str):
+            text = item
+        else:
+            try:
+                text = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvembError(f"text at row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if len(text) > max_chars:
+            raise InvembError(f"text at row {i} has {len(text)} characters; the limit is {max_chars} "
+                              f"(the model reads at most its first max_length tokens anyway)")
+        texts.append(text)
+    return texts
+
+
+def invalid_arg(message: str):
+    """An error status for a bad request: INVALID_ARGUMENT where the python backend supports codes."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        from invemb.graph_stepper import load_export_tokenizer, read_manifest
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.manifest = read_manifest(folder)
+        self.tokenizer = load_export_tokenizer(folder, self.manifest)
+        self.max_length = int(self.manifest["max_length"])
+        self.max_chars = int(config.get("parameters", {}).get("max_text_chars", {}).get("string_value", 2000))
+        logging.getLogger("invemb").setLevel(logging.ERROR)  # truncation warnings would flood the server log
+
+    def execute(self, requests):
+        from invemb.errors import InvembError
+        from invemb.text import tokenize_texts
+        responses = []
+        for request in requests:
+            try:
+                texts = decode_texts(pb_utils.get_input_tensor_by_name(request, "text").as_numpy(), self.max_chars)
+                enc = tokenize_texts(self.tokenizer, texts, self.max_length, return_tensors="np")  # [B,T] x2
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("input_ids", np.ascontiguousarray(enc["input_ids"], dtype=np.int64)),
+                    pb_utils.Tensor("attention_mask", np.ascontiguousarray(enc["attention_mask"], dtype=np.int64))]))
+            except InvembError as e:
+                responses.append(pb_utils.InferenceResponse(error=invalid_arg(f"tokenizer: {e}")))
+            except Exception as e:  # noqa: BLE001 - any failure is this request's error, the model keeps serving
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"tokenizer: {type(e).__name__}: {str(e)[:300]}")))
+        return responses

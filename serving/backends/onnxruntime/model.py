@@ -1,0 +1,155 @@
+"""A Python-based Triton backend named `onnxruntime`: runs `<model>/<version>/model.onnx` with pip's onnxruntime.
+
+The tritonserver in the nvidia-pytriton wheel has no native onnxruntime backend. Triton loads a Python-based
+backend from `<backend-directory>/<name>/model.py`, so with this file at `backends/onnxruntime/model.py` a model
+whose config says `backend: "onnxruntime"` loads here unchanged; on an NGC Triton image the native C++ backend
+of the same name serves the same repository (same config keys: inputs/outputs, max_batch_size,
+`default_model_filename`, parameters `intra_op_thread_count` / `inter_op_thread_count`).
+
+Input and output names/dtypes come from the model config; a config that lists none is auto-completed from the
+graph (as the native backend does), so one config.pbtxt serves exports with any number of decoder layers. Requests that the dynamic batcher hands over together
+are grouped by their non-batch shapes, concatenated on axis 0, run once, and split back per request. A failing
+group gets an error response per request; the model keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+ORT_TO_TRITON = {"float": "TYPE_FP32", "float16": "TYPE_FP16", "double": "TYPE_FP64", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+
+
+def _stub_model_dir() -> Path | None:
+    """The version folder of the model this stub serves: the python backend passes `<model>/<version>/model.py`
+    as the stub's first argument (auto_complete_config gets no args dict)."""
+    try:
+        argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return Path(os.fsdecode(argv[1])).parent if len(argv) > 1 and argv[1] else None
+
+
+def _param(config: dict, key: str, default: str) -> str:
+    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """Fill inputs/outputs from model.onnx when the config lists none (names, dtypes, dims; -1 = dynamic)."""
+        config = auto_complete_model_config.as_dict()
+        if config.get("input") and config.get("output"):
+            return auto_complete_model_config
+        import onnxruntime as ort
+        folder = _stub_model_dir()
+        path = folder / (config.get("default_model_filename") or "model.onnx") if folder else None
+        if path is None or not path.is_file():
+            raise pb_utils.TritonModelException(
+                f"{config.get('name')}: cannot auto-complete inputs/outputs: no ONNX model at {path}; "
+                "list them in config.pbtxt")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        batched = int(config.get("max_batch_size", 0)) > 0
+
+        def spec(arg) -> dict:
+            kind = arg.type[len("tensor("):-1]
+            if kind not in ORT_TO_TRITON:
+                raise pb_utils.TritonModelException(f"{path}: tensor {arg.name} has unsupported type {arg.type}")
+            dims = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
+            if batched:
+                if not dims or dims[0] != -1:
+                    raise pb_utils.TritonModelException(
+                        f"{path}: {arg.name} has no dynamic batch axis but max_batch_size > 0")
+                dims = dims[1:]
+            return {"name": arg.name, "data_type": ORT_TO_TRITON[kind], "dims": dims}
+
+        if not config.get("input"):
+            for arg in session.get_inputs():
+                auto_complete_model_config.add_input(spec(arg))
+        if not config.get("output"):
+            for arg in session.get_outputs():
+                auto_complete_model_config.add_output(spec(arg))
+        return auto_complete_model_config
+
+    def initialize(self, args):
+        import onnxruntime as ort
+        self.config = json.loads(args["model_config"])
+        name = self.config.get("default_model_filename") or "model.onnx"
+        path = Path(args["model_repository"]) / args["model_version"] / name
+        if not path.is_file():
+            raise pb_utils.TritonModelException(f"{self.config['name']}: no ONNX model at {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(_param(self.config, "intra_op_thread_count",
+                                               os.environ.get("OMP_NUM_THREADS", "1")))
+        opts.inter_op_num_threads = int(_param(self.config, "inter_op_thread_count", "1"))
+        providers = ["CPUExecutionProvider"]
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"]), i.get("optional", False))
+                       for i in self.config["input"]]
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in self.config["output"]]
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        missing = [n for n, _, _ in self.inputs if n not in graph_in] + [n for n, _ in self.outputs
+                                                                           if n not in graph_out]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"{self.config['name']}: config names {missing} are not in {path.name} "
+                f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)})")
+
+    def _feeds(self, request) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, dtype, optional in self.inputs:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                if optional:
+                    continue
+                raise ValueError(f"missing input {name!r}")
+            feeds[name] = t.as_numpy().astype(dtype, copy=False)
+        return feeds
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.session.run([n for n, _ in self.outputs], feeds)
+        return [np.ascontiguousarray(a, dtype=dt) for a, (_, dt) in zip(out, self.outputs)]
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, dict]]] = {}
+        for r, request in enumerate(requests):
+            try:
+                feeds = self._feeds(request)
+            except Exception as e:  # noqa: BLE001 - becomes this request's error status
+                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.config['name']}: {e}"))
+                continue
+            key = tuple(sorted((n, a.shape[1:] if self.batched else a.shape) for n, a in feeds.items()))
+            groups.setdefault(key if self.batched else (r,), []).append((r, feeds))
+        for members in groups.values():
+            try:
+                if len(members) == 1:
+                    parts = [self._run(members[0][1])]
+                else:  # dynamic batch: one run over the concatenated requests, split back
+                    feeds = {n: np.concatenate([f[n] for _, f in members]) for n in members[0][1]}
+                    outs = self._run(feeds)
+                    sizes = np.cumsum([next(iter(f.values())).shape[0] for _, f in members])[:-1]
+                    parts = list(zip(*[np.split(o, sizes) for o in outs]))
+                for (r, _), arrays in zip(members, parts):
+                    responses[r] = pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a))
+                                        for (n, _), a in zip(self.outputs, arrays)])
+            except Exception as e:  # noqa: BLE001
+                msg = f"{self.config['name']}: onnxruntime failed: {str(e).splitlines()[0][:500]}"
+                for r, _ in members:
+                    responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+        return responses
+
+    def finalize(self):
+        self.session = None
