@@ -88,8 +88,10 @@ class TrainConfig:
     noise_sigma: float = 0.0  # N(0, sigma * rms(vector)) added to vectors during training
     sim_loss_weight: float = 0.0  # lambda of the sentence-similarity loss (0: off)
     gumbel_tau: float = 1.0
+    sim_model: str = "all-MiniLM-L6-v2"  # paraphrase model of the similarity loss (must share the decoder vocab)
     paraphrase_file: str = ""  # JSONL {text, paraphrases}: enables the min-over-paraphrases loss
     bertscore_subset: int = 0  # val headlines scored with BERTScore at each validation (0: off)
+    bertscore_model: str = "all-mpnet-base-v2"  # scorer of invemb.metrics.bertscore_f1 (all-MiniLM-L6-v2: faster)
     deepspeed_config: str = ""  # path to a DeepSpeed JSON (train/ds_config/zero2.json); empty: plain PyTorch
     model: ModelConfig = field(default_factory=ModelConfig)
 

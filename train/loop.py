@@ -1,0 +1,285 @@
+"""The training loop behind train/run.py: deterministic data order, validation, checkpoints, final export.
+
+Data order: epoch e shuffles the training rows with random.Random(seed + e); global batch i (batch_size rows) is
+split across ranks, rank r taking rows [r*micro, (r+1)*micro); an optimizer step consumes grad_accum global
+batches. The global RNG is re-seeded from (seed, epoch, batch, rank) before each micro-batch, so dropout, noise
+and Gumbel samples are the same whether or not a run was interrupted: a resumed run skips the consumed batches
+and continues exactly where the checkpoint was taken.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
+from invemb.config import TrainConfig
+from invemb.metrics import TopKAccumulator
+from logging_utils import RunLogger, examples_table, git_hash, make_plots, read_metrics
+
+KEEP_CHECKPOINTS = 2
+N_EXAMPLES = 12
+MAX_PARAPHRASES = 5
+
+
+def _seed(*parts: int) -> None:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + p) % (2 ** 62)
+    torch.manual_seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, args, out: Path, ds_config: dict | None, train: list[str], val: list[str],
+                 paraphrases: dict[str, list[str]] | None, resume):
+        self.cfg, self.args, self.out, self.ds_config = cfg, args, out, ds_config
+        self.train_texts, self.val_texts, self.paraphrases, self.resume = train, val, paraphrases, resume
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from invemb.losses import Objective, SentenceSimilarityLoss
+        from invemb.model import InvertibleEmbedder
+        cfg = self.cfg
+        if os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        if self.ds_config is not None:
+            init_distributed()
+        self.rank, _, self.world = world_info()
+        self.main = self.rank == 0
+        self.micro = cfg.batch_size // self.world
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            import yaml
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.out / "git.txt").write_text(git_hash() + "\n")
+            if self.ds_config is not None:
+                (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        torch.manual_seed(cfg.seed)
+        model = InvertibleEmbedder(cfg.model)
+        self.factory = lambda: self._fresh_model(model)  # noqa: E731
+        self.params_total = sum(p.numel() for p in model.parameters())
+        self.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        enc = model.tokenize(self.train_texts)
+        self.train_ids, self.train_mask = enc["input_ids"], enc["attention_mask"]  # [N,L]
+        enc = model.tokenize(self.val_texts)
+        self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
+        self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
+        sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
+               if cfg.sim_loss_weight > 0 else None)
+        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim)
+        if self.ds_config is not None:
+            self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
+        else:
+            self.eng = PlainEngine(objective, cfg)
+        self.device = self.eng.device
+        if sim is not None:
+            sim.to(self.device)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.step, self.epoch, self.batch_pos, self.last_saved = 0, 0, 0, -1
+        if self.resume:
+            tag, state = self.resume
+            self.eng.load(self.ckpt_dir, tag, state)
+            self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch"]
+            self.last_saved = self.step
+        self.logger = RunLogger(self.out, self.main, self.step if self.resume else None)
+
+    def _fresh_model(self, like):
+        from transformers import AutoModel
+        from invemb.model import InvertibleEmbedder
+        return InvertibleEmbedder(self.cfg.model, like.tokenizer, AutoModel.from_config(like.encoder.backbone.config))
+
+    def _paraphrase_tensors(self, model) -> torch.Tensor | None:
+        """Token ids of every paraphrase (self.para_ids [R,L']) and each row's paraphrase rows [N,P] (-1: none)."""
+        texts, index = [], []
+        for t in self.train_texts:
+            paras = self.paraphrases.get(t, [])[:MAX_PARAPHRASES]
+            index.append(list(range(len(texts), len(texts) + len(paras))))
+            texts.extend(paras)
+        enc = model.tokenize(texts)
+        self.para_ids, self.para_mask = enc["input_ids"], enc["attention_mask"]
+        p = max(len(i) for i in index)
+        return torch.tensor([i + [-1] * (p - len(i)) for i in index], dtype=torch.long)
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool) -> dict:
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        m = mask[rows_t]
+        length = int(m.sum(1).max())
+        batch = {"input_ids": ids[rows_t, :length].to(self.device), "attention_mask": m[:, :length].to(self.device)}
+        if paraphrases and self.para_index is not None:
+            pidx = self.para_index[rows_t]  # [b,P]
+            valid = pidx >= 0
+            pm = self.para_mask[pidx.clamp(min=0)] * valid.unsqueeze(-1)  # [b,P,L']
+            plen = max(2, int(pm.sum(-1).max()))
+            batch.update(para_ids=self.para_ids[pidx.clamp(min=0)][..., :plen].to(self.device),
+                         para_mask=pm[..., :plen].to(self.device), para_valid=valid.to(self.device))
+        return batch
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.train_texts)))
+        random.Random(self.cfg.seed + epoch).shuffle(order)
+        b = self.cfg.batch_size
+        n = (len(order) // b) // self.cfg.grad_accum * self.cfg.grad_accum
+        return [order[i * b:(i + 1) * b] for i in range(n)]
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+        self.setup()
+        cfg, eng = self.cfg, self.eng
+        per_epoch = len(self.train_texts) // cfg.batch_size // cfg.grad_accum
+        self.total = min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch)
+        stop_at = self.args.stop_after_steps
+        bar = tqdm(total=self.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
+        self.t_start = time.time()
+        window = self._new_window()
+        self._train(True)
+        while self.step < self.total and self.epoch < cfg.epochs:
+            batches = self._epoch_batches(self.epoch)
+            for bi in range(self.batch_pos, len(batches)):
+                _seed(cfg.seed, self.epoch, bi, self.rank)
+                rows = batches[bi][self.rank * self.micro:(self.rank + 1) * self.micro]
+                out = eng.train_micro_batch(**self._batch(self.train_ids, self.train_mask, rows, True))
+                self._accumulate(window, out)
+                if (bi + 1) % cfg.grad_accum:
+                    continue
+                self.step += 1
+                bar.update(1)
+                epoch_end, last = bi + 1 == len(batches), self.step >= self.total
+                if self.step % cfg.log_every == 0 or last:
+                    self._log_train(window, bar)
+                    window = self._new_window()
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or epoch_end or last:
+                    self._validate(bar)
+                    window["t0"] = time.time()
+                position = (self.epoch + 1, 0) if epoch_end else (self.epoch, bi + 1)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or epoch_end or last or self.step == stop_at:
+                    self._save(*position)
+                    window["t0"] = time.time()
+                if self.step == stop_at:
+                    bar.close()
+                    if self.main:
+                        print(f"stopped after {stop_at} steps (--stop-after-steps); resume with --resume")
+                    self.logger.close()
+                    return
+                if last:
+                    break
+            else:
+                self.epoch, self.batch_pos = self.epoch + 1, 0
+                continue
+            break
+        bar.close()
+        self._finish()
+
+    def _train(self, mode: bool) -> None:
+        (self.eng.engine if isinstance(self.eng, DeepSpeedEngine) else self.eng.module).train(mode)
+
+    def _new_window(self) -> dict:
+        return {"t0": time.time(), "n": 0, "loss": 0.0, "ce": 0.0, "sim": 0.0, "para": 0.0, "tokens": 0,
+                "samples": 0, "acc": TopKAccumulator((1, 5))}
+
+    def _accumulate(self, w: dict, out: dict) -> None:
+        w["n"] += 1
+        for k in ("loss", "ce", "sim", "para"):
+            w[k] += float(out[k].detach())
+        labels = out["labels"]
+        w["tokens"] += int((labels != -100).sum()) + labels.shape[0]  # + the [CLS] input of each row
+        w["samples"] += labels.shape[0]
+        with torch.no_grad():
+            w["acc"].update(out["logits"].detach(), labels)
+
+    def _log_train(self, w: dict, bar) -> None:
+        acc = w["acc"]
+        sums = self.eng.all_sum([w["n"], w["loss"], w["ce"], w["sim"], w["para"], w["tokens"], w["samples"],
+                                 *acc.hits.tolist(), acc.total])
+        n, dt = max(1.0, sums[0]), max(1e-9, time.time() - w["t0"])
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": sums[1] / n, "ce": sums[2] / n,
+               "sim": sums[3] / n, "para": sums[4] / n, "lr": self.eng.lr,
+               "top1": sums[7] / max(1.0, sums[9]), "top5": sums[8] / max(1.0, sums[9]),
+               "tokens_per_s": sums[5] / dt, "samples_per_s": sums[6] / dt, "elapsed_s": time.time() - self.t_start}
+        self.logger.log(rec)
+        if self.main:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['top1']:.3f}", lr=f"{rec['lr']:.1e}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    # ------------------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self, bar=None) -> dict:
+        cfg, eng = self.cfg, self.eng
+        self._train(False)
+        acc, loss_sum = TopKAccumulator((1, 5)), 0.0
+        g = self.micro * self.world
+        for start in range(0, len(self.val_texts), g):
+            rows = list(range(start, min(start + g, len(self.val_texts))))
+            local = rows[self.rank * self.micro:(self.rank + 1) * self.micro]
+            out = eng.forward(**self._batch(self.val_ids, self.val_mask, local or rows[:1], False))
+            if local:  # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
+                acc.update(out["logits"].float(), out["labels"])
+                loss_sum += float(out["ce"]) * int((out["labels"] != -100).sum())
+        s = eng.all_sum([loss_sum, *acc.hits.tolist(), acc.total])
+        rec = {"kind": "val", "step": self.step, "epoch": self.epoch, "val_loss": s[0] / max(1.0, s[3]),
+               "val_top1": s[1] / max(1.0, s[3]), "val_top5": s[2] / max(1.0, s[3])}
+        if cfg.bertscore_subset > 0:
+            rec.update(self._bertscore(cfg.bertscore_subset))
+        eng.step_plateau(rec["val_top1"])
+        rec["lr"] = eng.lr
+        self.logger.log(rec)
+        if self.main and bar is not None:
+            bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        self._train(True)
+        self.last_val = rec
+        return rec
+
+    def _bertscore(self, n: int) -> dict:
+        from invemb.metrics import bertscore_f1
+        model = self.eng.full_model()  # collective under ZeRO-3
+        res = {}
+        if self.main:
+            for name, texts in (("val", self.val_texts[:n]), ("train", self.train_texts[:n])):
+                hyps = model.decode(model.encode(texts), beam_size=1)
+                res[f"{name}_bertscore"] = bertscore_f1(hyps, model.reference_texts(texts), self.cfg.bertscore_model)
+        self.eng.barrier()
+        return res
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _save(self, epoch: int, batch: int) -> None:
+        if self.last_saved == self.step:
+            return
+        tag = f"step_{self.step:08d}"
+        state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.world,
+                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
+                 "engine": "deepspeed" if self.ds_config is not None else "plain"}
+        self.eng.save(self.ckpt_dir, tag, state)
+        if self.main:
+            prune(self.ckpt_dir, KEEP_CHECKPOINTS, tag)
+        self.last_saved = self.step
+
+    def _finish(self) -> None:
+        from invemb.model import InvertibleEmbedder
+        tag = (self.ckpt_dir / "latest").read_text().strip()
+        sd = self.eng.consolidated_state_dict(self.ckpt_dir, tag)
+        if self.main:
+            model = self.factory()
+            missing, _ = model.load_state_dict(sd, strict=False)
+            if missing:
+                raise RuntimeError(f"consolidated checkpoint {tag} lacks {sorted(missing)[:5]}")
+            final = model.save_pretrained(self.out / "final")
+            model = InvertibleEmbedder.from_pretrained(final, device=self.device)
+            examples_table(model, self.val_texts[:N_EXAMPLES], self.out / "examples.md")
+            plots = make_plots(self.out / "metrics.jsonl", self.out / "plots")
+            vals = [r for r in read_metrics(self.out / "metrics.jsonl") if r["kind"] == "val"]
+            summary = {"final_val": vals[-1] if vals else None, "steps": self.step, "wall_s": time.time() - self.t_start,
+                       "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage,
+                       "world_size": self.world, "bf16": bool(getattr(self.eng, "bf16", False)),
+                       "params_total": self.params_total, "params_trainable": self.params_trainable,
+                       "train_headlines": len(self.train_texts), "val_headlines": len(self.val_texts),
+                       "git": git_hash(), "final": str(final), "plots": [p.name for p in plots]}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"done: {self.step} steps; final weights in {final}; val {vals[-1] if vals else {}}")
+        self.eng.barrier()
+        self.logger.close()
