@@ -56,6 +56,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Column indices of the n largest scores per row, best first, ties by lower index: exactly
+    `np.argsort(-scores, axis=1, kind="stable")[:, :n]`, without sorting all k*V candidates (argpartition)."""
+    if n >= scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    threshold = np.take_along_axis(scores, part, axis=1).min(axis=1)  # the n-th largest score per row
+    out = np.empty((scores.shape[0], n), dtype=np.int64)
+    for r in range(scores.shape[0]):
+        idx = np.flatnonzero(scores[r] >= threshold[r])  # every candidate that can rank in the top n (ties too)
+        out[r] = idx[np.argsort(-scores[r, idx], kind="stable")[:n]]
+    return out
+
+
 def _ban_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int) -> None:
     """In place: forbid tokens that would repeat an n-gram already in each row's history [N,t]."""
     if n <= 0 or history.shape[1] < n:
@@ -124,7 +138,7 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
         n_alive = len(alive)
         _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
         cand = (scores[:, :, None] + lp.reshape(n_alive, k, v)).reshape(n_alive, k * v)  # [A, k*V]
-        top = np.argsort(-cand, axis=1, kind="stable")[:, :2 * k]  # [A, 2k]
+        top = top_n(cand, 2 * k)  # [A, 2k]
         new_scores = np.full((n_alive, k), NEG_INF)
         new_rows = np.zeros((n_alive, k), dtype=np.int64)
         new_tok = np.zeros((n_alive, k), dtype=np.int64)
