@@ -1,0 +1,67 @@
+"""The `invemb` CLI end to end on a saved toy checkpoint; bad input exits 2 with one line, nothing half-written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from invemb.cli import main
+
+
+def test_encode_decode_roundtrip(toy_checkpoint, toy_model, headlines32, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("\n".join(headlines32[:5]) + "\n")
+    assert main(["encode", "--checkpoint", str(toy_checkpoint), "--input", str(texts),
+                 "--output", str(tmp_path / "v.npy")]) == 0
+    v = np.load(tmp_path / "v.npy")
+    np.testing.assert_allclose(v, toy_model.encode(headlines32[:5]), atol=1e-6)
+    assert main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"),
+                 "--output", str(tmp_path / "out.txt")]) == 0
+    assert (tmp_path / "out.txt").read_text().splitlines() == toy_model.reference_texts(headlines32[:5])
+    capsys.readouterr()
+    assert main(["roundtrip", "--checkpoint", str(toy_checkpoint), headlines32[0]]) == 0
+    out = capsys.readouterr().out
+    assert headlines32[0] in out and toy_model.reference_texts(headlines32[:1])[0] in out
+
+
+def test_roundtrip_as_a_console_command(toy_checkpoint):
+    exe = [sys.executable, "-m", "invemb.cli"]
+    r = subprocess.run(exe + ["roundtrip", "--checkpoint", str(toy_checkpoint), "Oil prices fall as OPEC output rises"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Oil prices fall as OPEC output rises |" in r.stdout
+
+
+def test_evaluate_writes_metrics(toy_checkpoint, data_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(toy_checkpoint), "--data", str(data_dir), "--limit", "8",
+                 "--scorer", "none", "--output", str(out), "--beam-sizes", "1,2"]) == 0
+    m = json.loads(out.read_text())
+    assert m["n"] == 8 and set(m) >= {"greedy", "beam2", "teacher_forced", "examples"}
+    assert 0 <= m["greedy"]["token_acc"] <= 1 and "top100" in m["teacher_forced"]
+    assert "| greedy |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "wrong_width", "nan", "empty_text", "missing_input", "no_data"])
+def test_bad_input_exit_2(case, toy_checkpoint, tmp_path, capsys, monkeypatch):
+    ck = str(toy_checkpoint)
+    out = tmp_path / "out.npy"
+    if case == "missing_ckpt":
+        args = ["roundtrip", "--checkpoint", str(tmp_path / "nope"), "x"]
+    elif case in ("wrong_width", "nan"):
+        v = np.zeros((2, 7 if case == "wrong_width" else 64), np.float32)
+        v[1, 0] = np.nan
+        np.save(tmp_path / "v.npy", v)
+        args = ["decode", "--checkpoint", ck, "--input", str(tmp_path / "v.npy"), "--output", str(tmp_path / "t.txt")]
+    elif case == "empty_text":
+        args = ["roundtrip", "--checkpoint", ck, "fine", "   "]
+    elif case == "missing_input":
+        args = ["encode", "--checkpoint", ck, "--input", str(tmp_path / "none.txt"), "--output", str(out)]
+    else:
+        monkeypatch.delenv("INVEMB_DATA", raising=False)
+        args = ["evaluate", "--checkpoint", ck, "--scorer", "none"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("invemb: error: ")
+    assert not out.exists() and not (tmp_path / "t.txt").exists()

@@ -1,0 +1,55 @@
+"""Reading the Kaggle folder as it comes, other formats, the deterministic split, clear errors."""
+import pytest
+
+from invemb import InvembError
+from invemb.data import load_headlines, load_split, normalize, read_texts, split_records
+
+
+def test_reads_the_kaggle_folder_as_it_comes(data_dir):
+    raw = load_headlines(data_dir, dedupe=False)
+    assert len(raw) == 53370  # the README's count of non-empty headlines (CRLF + blank rows in cnbc handled)
+    by_source = {}
+    for r in raw:
+        by_source[r.source] = by_source.get(r.source, 0) + 1
+    assert by_source == {"cnbc_headlines": 2800, "guardian_headlines": 17800, "reuters_headlines": 32770}
+    unique = load_headlines(data_dir)
+    assert len(unique) == 53157 and len({r.text for r in unique}) == 53157
+    assert all(r.text == normalize(r.text) and r.text for r in unique)
+
+
+def test_split_is_deterministic_disjoint_90_10(data_dir):
+    a, b = load_split(data_dir, seed=0), load_split(data_dir, seed=0)
+    assert [r.text for r in a.val] == [r.text for r in b.val]
+    assert len(a.val) == round(53157 * 0.1) and len(a.train) + len(a.val) == 53157
+    assert not {r.text for r in a.train} & {r.text for r in a.val}
+    c = load_split(data_dir, seed=1)
+    assert [r.text for r in c.val] != [r.text for r in a.val]
+
+
+def test_other_formats(tmp_path):
+    (tmp_path / "h.txt").write_text("  Stocks  rally\u00a0today \n\n\nStocks rally today\nOil falls\r\n")
+    assert [r.text for r in load_headlines(tmp_path / "h.txt")] == ["Stocks rally today", "Oil falls"]
+    (tmp_path / "x.csv").write_text('id,headline\n1,"Fed holds, says ""wait"""\n2,\n3,Gold up\n')
+    assert read_texts(tmp_path / "x.csv") == ['Fed holds, says "wait"', "Gold up"]
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("INVEMB_DATA", raising=False)
+    with pytest.raises(InvembError, match="no data path given.*INVEMB_DATA"):
+        load_headlines(None)
+    with pytest.raises(InvembError, match="does not exist.*cnbc_headlines.csv"):
+        load_headlines(tmp_path / "nope")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InvembError, match="no headline column"):
+        load_headlines(tmp_path / "bad.csv")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(InvembError, match="no headlines"):
+        load_headlines(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(InvembError, match="not UTF-8"):
+        load_headlines(tmp_path / "bin.txt")
+    monkeypatch.setenv("INVEMB_DATA", str(tmp_path / "h.txt"))
+    (tmp_path / "h.txt").write_text("one\ntwo\nthree\n")
+    assert len(split_records(load_headlines(None)).val) == 1
+    with pytest.raises(InvembError, match="too few"):
+        split_records(load_headlines(tmp_path / "h.txt")[:1])

@@ -1,0 +1,131 @@
+"""The one beam search: exhaustive-search equality, sorting, beam 1 == greedy, batching, n-gram blocking."""
+import itertools
+
+import numpy as np
+import pytest
+
+from invemb.generation import GenerationConfig, beam_search, greedy_search, log_softmax
+
+V, EOS = 4, 3
+
+
+class TableStepper:
+    """Hand-built step function: each (item, prefix) has its own fixed random next-token distribution."""
+
+    def __init__(self, batch_size=1, seed=0, bias=None):
+        self.batch_size, self.seed, self.bias = batch_size, seed, bias
+
+    def dist(self, item, prefix):
+        rng = np.random.default_rng(abs(hash((self.seed, item, prefix))) % (2 ** 32))
+        logits = rng.normal(size=V) * 2
+        if self.bias is not None:
+            logits = logits + self.bias(prefix)
+        return log_softmax(logits)
+
+    def _lp(self, cache):
+        return np.stack([self.dist(item, prefix) for item, prefix in cache])
+
+    def start(self, num_beams):
+        cache = [(b, ()) for b in range(self.batch_size) for _ in range(num_beams)]
+        return self._lp(cache), cache
+
+    def step(self, tokens, cache):
+        cache = [(item, prefix + (int(t),)) for (item, prefix), t in zip(cache, tokens)]
+        return self._lp(cache), cache
+
+    def reorder(self, cache, rows):
+        return [cache[r] for r in rows]
+
+
+def exhaustive(stepper, item, max_length, alpha):
+    """Every sequence that ends with EOS within max_length tokens or runs to max_length, scored."""
+    out = []
+    for n in range(1, max_length + 1):
+        for seq in itertools.product(range(V), repeat=n):
+            if EOS in seq[:-1]:
+                continue
+            lp = sum(stepper.dist(item, seq[:i])[seq[i]] for i in range(n))
+            tokens = list(seq[:-1]) if seq[-1] == EOS else list(seq)
+            if seq[-1] != EOS and n < max_length:
+                continue
+            out.append((tokens, lp / n ** alpha))
+    return sorted(out, key=lambda x: -x[1])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wide_beam_equals_exhaustive_search(alpha, seed):
+    stepper = TableStepper(batch_size=2, seed=seed)
+    cfg = GenerationConfig(beam_size=64, max_length=3, length_penalty=alpha, eos_id=EOS, num_return=64)
+    result = beam_search(stepper, cfg)
+    for item in range(2):
+        want = exhaustive(stepper, item, 3, alpha)
+        got = [(h.tokens, h.score) for h in result[item]]
+        assert [g[0] for g in got] == [w[0] for w in want]
+        np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_beams_sorted_and_best_is_at_least_greedy(seed):
+    stepper = TableStepper(batch_size=3, seed=seed)
+    cfg = GenerationConfig(beam_size=4, max_length=6, eos_id=EOS, num_return=4)
+    result = beam_search(stepper, cfg)
+    greedy = greedy_search(stepper, GenerationConfig(beam_size=1, max_length=6, eos_id=EOS))
+    for hyps, g in zip(result, greedy):
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True) and len(hyps) == 4
+        assert hyps[0].score >= g.score - 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_one_equals_greedy(seed, alpha):
+    stepper = TableStepper(batch_size=3, seed=seed)
+    beam = beam_search(stepper, GenerationConfig(beam_size=1, max_length=7, length_penalty=alpha, eos_id=EOS))
+    greedy = greedy_search(stepper, GenerationConfig(beam_size=1, max_length=7, length_penalty=alpha, eos_id=EOS))
+    for b, g in zip(beam, greedy):
+        assert b[0].tokens == g.tokens
+        assert b[0].score == pytest.approx(g.score)
+
+
+def test_batched_equals_one_by_one():
+    stepper = TableStepper(batch_size=4, seed=7)
+    cfg = GenerationConfig(beam_size=3, max_length=6, eos_id=EOS, num_return=3)
+    batched = beam_search(stepper, cfg)
+
+    class One(TableStepper):  # item `i` alone
+        def __init__(self, i):
+            super().__init__(1, 7)
+            self.i = i
+
+        def dist(self, item, prefix):
+            return super().dist(self.i, prefix)
+
+    for i in range(4):
+        alone = beam_search(One(i), cfg)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+
+
+def test_no_repeat_ngram_blocks_repeats():
+    # strongly prefer the cycle 0 1 0 1 ... and never EOS
+    def bias(prefix):
+        b = np.zeros(V)
+        b[EOS] = -50
+        b[1 if (prefix and prefix[-1] == 0) else 0] = 20
+        return b
+    stepper = TableStepper(batch_size=1, bias=bias)
+    free = greedy_search(stepper, GenerationConfig(beam_size=1, max_length=8, eos_id=EOS))[0].tokens
+    assert free[:4] == [0, 1, 0, 1]
+    for search, k in ((greedy_search, 1), (lambda s, c: [h[0] for h in beam_search(s, c)], 3)):
+        toks = search(stepper, GenerationConfig(beam_size=k, max_length=8, eos_id=EOS, no_repeat_ngram_size=2))[0]
+        toks = toks.tokens
+        bigrams = list(zip(toks, toks[1:]))
+        assert len(bigrams) == len(set(bigrams)), toks
+
+
+def test_max_length_caps_output():
+    stepper = TableStepper(batch_size=2, bias=lambda p: np.array([0, 0, 0, -100.0]))
+    for k in (1, 3):
+        cfg = GenerationConfig(beam_size=k, max_length=5, eos_id=EOS)
+        out = greedy_search(stepper, cfg) if k == 1 else [h[0] for h in beam_search(stepper, cfg)]
+        assert all(len(h.tokens) == 5 for h in out)

@@ -1,0 +1,107 @@
+"""A toy model memorises 32 real headlines; save/load is exact; bad input gives clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from invemb import InvembError
+from invemb.model import InvertibleEmbedder, TorchStepper
+from invemb.generation import GenerationConfig, beam_search, greedy_search
+
+from conftest import train_toy
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_toy_transformer_memorises_32_headlines(toy_model, headlines32, beam):
+    decoded = toy_model.decode(toy_model.encode(headlines32), beam_size=beam)
+    refs = toy_model.reference_texts(headlines32)
+    assert decoded == refs
+
+
+def test_toy_gru_memorises_32_headlines(headlines32):
+    model = train_toy(headlines32, kind="gru", steps=200, lr=3e-3)
+    assert model.decode(model.encode(headlines32), beam_size=1) == model.reference_texts(headlines32)
+
+
+def test_untrained_model_does_not_reconstruct(headlines32):
+    model = train_toy(headlines32, steps=0)
+    decoded = model.decode(model.encode(headlines32[:4]), beam_size=1, max_length=8)
+    assert decoded != model.reference_texts(headlines32[:4])
+
+
+def test_torch_beam_one_equals_greedy_on_a_model(toy_model, headlines32):
+    vec = torch.as_tensor(toy_model.encode(headlines32[:8]))
+    cfg = toy_model.generation_config(beam_size=1)
+    g = greedy_search(TorchStepper(toy_model.decoder, vec, toy_model.bos_id), cfg)
+    b = beam_search(TorchStepper(toy_model.decoder, vec, toy_model.bos_id), cfg)
+    assert [h.tokens for h in g] == [h[0].tokens for h in b]
+
+
+def test_reference_texts_are_readable(toy_model):
+    assert toy_model.reference_texts(["Cramer's week ahead: Big week for earnings, COVID-19"]) == \
+        ["cramer's week ahead: big week for earnings, covid-19"]
+
+
+def test_save_load_roundtrip_identical(toy_model, toy_checkpoint, headlines32):
+    assert {p.name for p in toy_checkpoint.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    loaded = InvertibleEmbedder.from_pretrained(toy_checkpoint)
+    a, b = toy_model.encode(headlines32), loaded.encode(headlines32)
+    np.testing.assert_array_equal(a, b)
+    assert loaded.decode(b, beam_size=4) == toy_model.decode(a, beam_size=4)
+
+
+def test_corrupted_checkpoints_give_clear_errors(toy_checkpoint, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(toy_checkpoint, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InvembError, match="corrupted or incompatible"):
+        InvertibleEmbedder.from_pretrained(bad)
+    with pytest.raises(InvembError, match="not an invemb checkpoint"):
+        InvertibleEmbedder.from_pretrained(tmp_path)
+    shutil.rmtree(bad)
+    shutil.copytree(toy_checkpoint, bad)
+    meta = json.loads((bad / "config.json").read_text())
+    meta["invemb_model"]["decoder"]["n_layers"] = 3
+    (bad / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(InvembError, match="does not match|corrupted or incompatible"):
+        InvertibleEmbedder.from_pretrained(bad)
+
+
+def test_bad_inputs(toy_model):
+    with pytest.raises(InvembError, match="empty"):
+        toy_model.encode(["fine", "   "])
+    with pytest.raises(InvembError, match="shape"):
+        toy_model.decode(np.zeros((2, 5), np.float32))
+    v = toy_model.encode(["a headline"])
+    v[0, 3] = np.nan
+    with pytest.raises(InvembError, match="NaN"):
+        toy_model.decode(v)
+    v[0, 3] = np.inf
+    with pytest.raises(InvembError, match="NaN or Inf"):
+        toy_model.decode(v)
+
+
+def test_long_text_truncated_with_warning(toy_model, caplog):
+    with caplog.at_level("WARNING", logger="invemb"):
+        v = toy_model.encode(["stocks " * 500])
+    assert v.shape == (1, toy_model.sentence_dim)
+    assert "truncated" in caplog.text
+
+
+def test_unknown_model_offline_is_clear(monkeypatch):
+    from invemb.config import EncoderConfig, ModelConfig
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InvembError, match="no-such-org/no-such-model"):
+        InvertibleEmbedder(ModelConfig(encoder=EncoderConfig(model_name="no-such-org/no-such-model")))
+
+
+def test_pretrained_minilm_encoder_loads_offline():
+    from invemb.config import preset
+    cfg = preset("small").model
+    model = InvertibleEmbedder(cfg)
+    v = model.encode(["Oil prices fall as OPEC output rises", "Stocks rally"])
+    assert v.shape == (2, 768) and np.isfinite(v).all()
+    assert not model.encoder.backbone.embeddings.word_embeddings.weight.requires_grad  # frozen in `small`
