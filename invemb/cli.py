@@ -103,9 +103,13 @@ def cmd_evaluate(args) -> None:
     print(format_table(result))
 
 
-def cmd_pipeline(args) -> None:
-    from invemb.pipeline import run_pipeline
-    run_pipeline(args)
+def run_pipeline_script(argv: list[str]) -> int:
+    """`invemb pipeline ...` runs scripts/pipeline.py of the source checkout (it drives train/, export/, serving/)."""
+    import runpy
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
+    if not script.is_file():
+        raise InvembError("`invemb pipeline` needs the source checkout (pip install -e .); scripts/pipeline.py not found")
+    return runpy.run_path(str(script))["main"](argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,16 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--output", help="metrics JSON path")
     sp.set_defaults(func=cmd_evaluate)
-    sp = sub.add_parser("pipeline", help="train -> evaluate -> export -> serve -> roundtrip in one run folder")
-    sp.add_argument("--data", help="data folder/file (default: $INVEMB_DATA)")
-    sp.add_argument("--out", default="runs/pipeline")
-    sp.add_argument("--config", default="train/configs/small.yaml")
-    sp.add_argument("--resume", action="store_true", help="skip stages that already finished")
-    sp.set_defaults(func=cmd_pipeline)
+    sub.add_parser("pipeline", help="train -> evaluate -> export -> serve -> roundtrip (see scripts/pipeline.py -h)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pipeline"]:
+        try:
+            return run_pipeline_script(argv[1:])
+        except InvembError as e:
+            print(f"invemb: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="invemb: warning: %(message)s")
     try:
