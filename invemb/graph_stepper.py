@@ -17,6 +17,7 @@ import numpy as np
 
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, reorder_rows
+from invemb.ort import cache_feed_name, read_manifest  # noqa: F401 (read_manifest re-exported for servers)
 
 Runner = Callable[[str, dict, list], dict]  # (graph name, feeds {name: np.ndarray}, output names) -> outputs
 STEP_GRAPHS = ("decoder_init", "decoder_step")
@@ -32,22 +33,16 @@ def graph_io(manifest: dict, graph: str) -> tuple[list[str], list[str]]:
 
 
 def cache_plan(manifest: dict) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
-    """-> (carried {step input: step output that feeds it next time}, first {step input: init output},
-    init output names, step output names)."""
+    """-> (carried {step input: step output feeding it next time}, first {step input: decoder_init output},
+    init output names, step output names); the name mapping is invemb.ort.cache_feed_name's."""
     _, init_out = graph_io(manifest, "decoder_init")
     step_in, step_out = graph_io(manifest, "decoder_step")
-    carried, first = {}, {}
-    for name in step_in:
-        if name == "input_ids":
-            continue
-        base = name[len("past_"):] if name.startswith("past_") else name
-        if f"present_{base}" in step_out:
-            carried[name] = f"present_{base}"
-            first[name] = f"present_{base}"  # decoder_init already consumed BOS: its presents are the past
-        else:
-            first[name] = name
-        if first[name] not in init_out:
-            raise InvembError(f"decoder_step input {name!r} has no source among decoder_init outputs {init_out}")
+    first = {cache_feed_name(n, step_in): n for n in init_out[1:] if cache_feed_name(n, step_in)}
+    carried = {cache_feed_name(n, step_in): n for n in step_out[1:] if cache_feed_name(n, step_in)}
+    missing = set(step_in) - {"input_ids"} - set(first)
+    if init_out[:1] != ["log_probs"] or step_out[:1] != ["log_probs"] or missing:
+        raise InvembError(f"decoder_init/decoder_step graphs of the manifest do not fit together "
+                          f"(unfed step inputs {sorted(missing)})")
     return carried, first, init_out, step_out
 
 
@@ -101,20 +96,6 @@ class GraphStepper:
 
     def reorder(self, cache: dict, rows: np.ndarray) -> dict:
         return {k: np.ascontiguousarray(v) for k, v in reorder_rows(cache, np.asarray(rows)).items()}
-
-
-def read_manifest(folder) -> dict:
-    """manifest.json of an export folder (or a Triton model version folder holding one)."""
-    import json
-    from pathlib import Path
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise InvembError(f"{path} is missing: run `python export/to_onnx.py --checkpoint CKPT --out DIR "
-                          f"[--triton-repo REPO]`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InvembError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_export_tokenizer(folder, manifest: dict):

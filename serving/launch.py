@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORT_BACKEND = HERE / "backends" / "onnxruntime" / "model.py"
+HARMLESS = ("CUDA driver", "CudaDriverHelper", "unable to create stream")  # expected log errors without a GPU
 
 
 class ServerError(RuntimeError):
@@ -169,7 +170,7 @@ class TritonServer:
         return self
 
     def _copy_log(self) -> None:
-        with open(self.log_file, "ab", buffering=0) as f:
+        with open(self.log_file, "wb", buffering=0) as f:
             for line in iter(self.proc.stdout.readline, b""):
                 f.write(line)
                 if self.echo:
@@ -181,6 +182,21 @@ class TritonServer:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def log_errors(self, limit: int = 12) -> str:
+        """Error lines and unavailable models from the log (the CPU-only CUDA complaints left out)."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        keep = [ln for ln in lines if (ln.startswith("E") or "UNAVAILABLE" in ln) and not any(
+            s in ln for s in HARMLESS)]
+        return "\n".join(keep[:limit])
+
+    def _failure(self, what: str) -> ServerError:
+        errors = self.log_errors()
+        return ServerError(f"{what} (log {self.log_file})" + (f"\nerrors:\n{errors}" if errors else "")
+                           + f"\nlog tail:\n{self.log_tail()}")
 
     def is_ready(self) -> bool:
         try:
@@ -194,13 +210,11 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._pump.join(timeout=5)
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting "
-                                  f"(log {self.log_file}):\n{self.log_tail()}")
+                raise self._failure(f"tritonserver exited with code {self.proc.returncode} while starting")
             if self.is_ready():
                 return
             time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s (log {self.log_file}):\n"
-                          f"{self.log_tail()}")
+        raise self._failure(f"tritonserver not ready after {self.startup_timeout:.0f} s")
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after `timeout` seconds."""

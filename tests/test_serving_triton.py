@@ -1,0 +1,182 @@
+"""The invemb model repository on a REAL tritonserver: a toy checkpoint exported with export/to_onnx.py into a
+temp copy of model_repository/, served by serving/launch.py, called over gRPC by serving/client.py.
+
+Parity: `encode` == in-process encode (atol 1e-5); `roundtrip` == in-process decode texts; client-side beam
+search over decoder_init/decoder_step == server-side beam_search. Bad inputs get INVALID_ARGUMENT with a clear
+message and the next good request is served."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root: `serving` and `export` are not installed
+
+from serving.client import ClientError, TritonClient, load_export, text_tensor  # noqa: E402
+from serving.launch import TritonServer  # noqa: E402
+
+MODELS = ("tokenizer", "encoder", "decoder_init", "decoder_step", "beam_search", "encode", "roundtrip")
+
+
+@pytest.fixture(scope="session")
+def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """(repository, export dir): the committed configs + python models, and the toy export placed in them."""
+    from export import to_onnx
+    base = tmp_path_factory.mktemp("triton")
+    repo, export_dir = base / "repo", base / "onnx"
+    def generated(folder, names):  # what an earlier local export left in the committed repository
+        return [n for n in names if n.endswith(".onnx") or n in ("manifest.json", "__pycache__")
+                or (n == "tokenizer" and Path(folder).name == "1")]
+
+    shutil.copytree(ROOT / "model_repository", repo, ignore=generated)
+    with to_onnx.quiet_exporter():
+        to_onnx.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
+    return repo, export_dir
+
+
+@pytest.fixture(scope="session")
+def server(triton_repo):
+    with TritonServer(triton_repo[0], startup_timeout=300) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with TritonClient(server.grpc_url, timeout=120, ready_timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference(toy_model, headlines32):
+    """In-process torch results for the 32 memorised headlines."""
+    vectors = toy_model.encode(headlines32)
+    return {"vectors": vectors, "texts": toy_model.decode(vectors, beam_size=4)}
+
+
+def test_encode_matches_in_process(client, reference, headlines32):
+    got = client.encode(headlines32, batch_size=5, max_in_flight=3)  # ragged batches, several in flight
+    assert got.shape == reference["vectors"].shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference["vectors"], atol=1e-5, rtol=0)
+
+
+def test_roundtrip_matches_in_process_decode(client, reference, headlines32, toy_model):
+    got = client.roundtrip(headlines32, batch_size=8, max_in_flight=2)
+    assert got == reference["texts"]
+    assert sum(a == b for a, b in zip(got, toy_model.reference_texts(headlines32))) >= 28  # it memorised them
+
+
+def test_client_side_and_server_side_decode_agree(client, reference, triton_repo):
+    manifest, tokenizer = load_export(triton_repo[1])
+    v = reference["vectors"]
+    server_side = client.decode(v, beam_size=4, batch_size=7, mode="server")
+    client_side = client.decode(v, beam_size=4, batch_size=7, mode="client", manifest=manifest, tokenizer=tokenizer)
+    assert server_side == client_side == reference["texts"]
+
+
+@pytest.mark.parametrize("beam_size,max_length", [(1, None), (3, 6)])
+def test_decode_options_match_in_process(client, reference, toy_model, triton_repo, beam_size, max_length):
+    manifest, tokenizer = load_export(triton_repo[1])
+    v = reference["vectors"][:9]
+    want = toy_model.decode(v, beam_size=beam_size, max_length=max_length)
+    assert client.decode(v, beam_size, max_length, batch_size=4) == want
+    assert client.decode(v, beam_size, max_length, batch_size=4, mode="client", manifest=manifest,
+                         tokenizer=tokenizer) == want
+
+
+def test_long_text_is_truncated_like_in_process(client, toy_model):
+    text = "Stocks rally as markets cheer rate cut hopes " * 22  # ~1,000 characters, far over max_length tokens
+    np.testing.assert_allclose(client.encode([text]), toy_model.encode([text]), atol=1e-5, rtol=0)
+
+
+def test_health_metrics_and_model_configs(server, client):
+    for path in ("/v2/health/live", "/v2/health/ready", *(f"/v2/models/{m}/ready" for m in MODELS)):
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10) as r:
+            assert r.status == 200, path
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'nv_inference_request_success{model="encode",version="1"}' in metrics
+    # tensor names are the export manifest's, auto-completed from the ONNX graphs
+    manifest = json.loads((server.repo / "beam_search" / "1" / "manifest.json").read_text())
+    for graph in ("encoder", "decoder_init", "decoder_step"):
+        cfg = client.client.get_model_config(graph, as_json=True)["config"]
+        assert [i["name"] for i in cfg["input"]] == [t["name"] for t in manifest["graphs"][graph]["inputs"]]
+        assert [o["name"] for o in cfg["output"]] == [t["name"] for t in manifest["graphs"][graph]["outputs"]]
+
+
+S = 64  # the toy preset's sentence_dim
+BAD_REQUESTS = {
+    "empty text": ("encode", {"text": text_tensor([""])}, "empty or whitespace-only text"),
+    "whitespace text": ("roundtrip", {"text": text_tensor(["ok", " \t "])}, r"position\(s\) \[1\]"),
+    "10,000-char text": ("encode", {"text": text_tensor(["x" * 10_000])}, "10000 characters; the limit is 2000"),
+    "invalid UTF-8": ("encode", {"text": text_tensor([b"Oil \xff\xfe prices"])}, "not valid UTF-8"),
+    "wrong vector width": ("beam_search", {"sentence_embedding": np.zeros((2, S + 3), np.float32)},
+                           rf"shape \[N, {S}\].*\[2, {S + 3}\]"),
+    "NaN vector": ("beam_search", {"sentence_embedding": np.stack([np.zeros(S), np.full(S, np.nan)])
+                                   .astype(np.float32)}, r"row\(s\) \[1\] contain NaN or Inf"),
+    "Inf vector": ("beam_search", {"sentence_embedding": np.full((1, S), -np.inf, np.float32)}, "NaN or Inf"),
+    "decoder_init width": ("decoder_init", {"sentence_embedding": np.zeros((1, S + 1), np.float32)},
+                           "unexpected shape"),
+    "beam size": ("beam_search", {"sentence_embedding": np.zeros((1, S), np.float32),
+                                  "beam_size": np.full((1, 1), 99, np.int32)}, r"beam_size must be in \[1, 8\]"),
+    "max length": ("beam_search", {"sentence_embedding": np.zeros((1, S), np.float32),
+                                   "max_length": np.full((1, 1), 500, np.int32)}, r"max_length must be in \[1, 31\]"),
+    "encode batch above max": ("encode", {"text": text_tensor(["Oil prices fall"] * 65)}, "batch-size must be <= 64"),
+    "decode batch above max": ("beam_search", {"sentence_embedding": np.zeros((33, S), np.float32)},
+                               "batch-size must be <= 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, reference, case):
+    model, feeds, message = BAD_REQUESTS[case]
+    out = "sentence_embedding" if model == "encode" else "log_probs" if model == "decoder_init" else "text" \
+        if model == "beam_search" else "decoded_text"
+    with pytest.raises(ClientError, match=message) as err:
+        client.infer(model, feeds, [out])
+    assert "INVALID_ARGUMENT" in str(err.value)
+    np.testing.assert_allclose(client.encode(["Oil prices fall as OPEC output rises"]),
+                               client.encode(["Oil  prices fall as OPEC output rises "]), atol=1e-6)
+    assert client.decode(reference["vectors"][:2]) == reference["texts"][:2]
+
+
+def test_cli_encode_decode_roundtrip(server, triton_repo, headlines32, reference, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(headlines32[:6]) + "\n")
+    base = [sys.executable, str(ROOT / "serving" / "client.py"), "--url", server.grpc_url, "--no-progress",
+            "--batch-size", "4"]
+    run = lambda *a: subprocess.run([*base, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    r = run("encode", str(texts), "--out", str(tmp_path / "v.npy"))
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), reference["vectors"][:6], atol=1e-5, rtol=0)
+    r = run("decode", str(tmp_path / "v.npy"), "--mode", "client", "--export", str(triton_repo[1]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == reference["texts"][:6]
+    r = run("roundtrip", str(texts), "--out", str(tmp_path / "rt.tsv"))
+    assert r.returncode == 0, r.stderr
+    assert [line.split("\t")[1] for line in (tmp_path / "rt.tsv").read_text().splitlines()] == reference["texts"][:6]
+    np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
+    r = run("decode", str(tmp_path / "bad.npy"))
+    assert r.returncode == 2 and r.stderr.startswith("error: beam_search: INVALID_ARGUMENT") \
+        and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_graph_stepper_with_onnxruntime_equals_ort_embedder(triton_repo, reference):
+    """The one Stepper the server and client use, run here by ONNX Runtime: same texts as OnnxEmbedder."""
+    from invemb.generation import generate
+    from invemb.graph_stepper import GraphStepper
+    from invemb.ort import OnnxEmbedder
+    emb = OnnxEmbedder(triton_repo[1], threads=1)
+
+    def run(graph, feeds, outputs):
+        return dict(zip(outputs, emb.sessions[graph].run(outputs, feeds)))
+
+    v = reference["vectors"][:8]
+    hyps = generate(GraphStepper(run, emb.manifest, v), emb.generation_config(beam_size=4))
+    assert emb.detokenize([h.tokens for h in hyps]) == emb.decode(v, beam_size=4) == reference["texts"][:8]
