@@ -138,3 +138,33 @@ def test_stop_ends_the_process_group(tmp_path):
     with pytest.raises(ProcessLookupError):  # no stub or server process left in its group
         os.killpg(pgid, 0)
     assert "Started GRPCInferenceService" in (tmp_path / "server.log").read_text()
+
+
+def test_client_retries_unavailable_with_backoff_then_fails_clearly(monkeypatch):
+    from serving.client import ClientError, TritonClient, text_tensor
+    from serving.launch import free_port
+    sleeps: list[float] = []
+    monkeypatch.setattr("serving.client.time.sleep", sleeps.append)
+    client = TritonClient(f"127.0.0.1:{free_port()}", timeout=10, retries=2, backoff=0.1)  # nothing listens there
+    feeds = {"text": text_tensor(["Oil prices fall"])}
+    with pytest.raises(ClientError, match="encode: UNAVAILABLE"):
+        client.infer("encode", feeds, ["sentence_embedding"])
+    assert sleeps == [0.1, 0.2]  # exponential backoff, then the error
+    sleeps.clear()
+    with pytest.raises(ClientError, match="encode: UNAVAILABLE"):
+        client.infer_many("encode", [feeds] * 3, ["sentence_embedding"], max_in_flight=2)
+    assert sleeps and set(sleeps) <= {0.1, 0.2}
+    with pytest.raises(ClientError, match="not ready after"):
+        client.wait_ready(timeout=0.5)
+
+
+def test_client_rejects_bad_arguments_before_sending():
+    from serving.client import ClientError, TritonClient
+    from serving.launch import free_port
+    client = TritonClient(f"127.0.0.1:{free_port()}")
+    with pytest.raises(ClientError, match=r"shape \[N, S\]"):
+        client.decode(np.zeros(4, np.float32))
+    with pytest.raises(ClientError, match="mode must be"):
+        client.decode(np.zeros((1, 4), np.float32), mode="nope")
+    with pytest.raises(ClientError, match="--export"):
+        client.decode(np.zeros((1, 4), np.float32), mode="client")
