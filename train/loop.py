@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
+from train.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.config import TrainConfig
 from invemb.metrics import TopKAccumulator
-from logging_utils import RunLogger, examples_table, git_hash, make_plots, read_metrics
+from train.logging_utils import RunLogger, examples_table, git_hash, make_plots, read_metrics
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `train` is not installed
 
 from invemb.config import TrainConfig  # noqa: E402
 from invemb.errors import InvembError  # noqa: E402
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="debug: checkpoint and exit after this many optimizer steps (simulates a kill)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
@@ -69,7 +69,7 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
 
 def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int):
     """Validate the run folder against the request; returns (tag, state) to resume from, or None."""
-    from engine import read_state
+    from train.engine import read_state
     found = read_state(out / "checkpoints")
     if not resume:
         if found:
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
     if world > 1 and "OMP_NUM_THREADS" not in env:  # ranks sharing the cores: no thread oversubscription
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local_world))
-    from engine import load_ds_config  # imports torch (after OMP_NUM_THREADS is set)
+    from train.engine import load_ds_config  # imports torch (after OMP_NUM_THREADS is set)
     try:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out or f"runs/{Path(args.config).stem}")
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                               f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
         paraphrases = None
         if cfg.paraphrase_file:
-            from engine import resolve_path
+            from train.engine import resolve_path
             from invemb.losses import load_paraphrases
             paraphrases = load_paraphrases(resolve_path(cfg.paraphrase_file))
             if not any(t in paraphrases for t in train):
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    from loop import Trainer
+    from train.loop import Trainer
     Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume).run()
     return 0
 

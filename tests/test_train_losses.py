@@ -1,0 +1,115 @@
+"""invemb.losses: straight-through Gumbel similarity gradients, min-over-paraphrases CE, noise, paraphrase files."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from invemb.config import preset
+from invemb.errors import InvembError
+from invemb.losses import (IGNORE, Objective, SentenceSimilarityLoss, add_vector_noise, load_paraphrases,
+                           min_paraphrase_ce, per_example_ce)
+
+TEXTS = ["oil prices fall as opec output rises", "stocks rally after fed holds rates steady"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from invemb.model import InvertibleEmbedder
+    torch.manual_seed(0)
+    return InvertibleEmbedder(preset("toy").model)
+
+
+@pytest.fixture(scope="module")
+def sim(toy):
+    return SentenceSimilarityLoss(toy.tokenizer, "all-MiniLM-L6-v2", tau=0.5)
+
+
+def test_similarity_gradient_reaches_decoder_through_gumbel(toy, sim):
+    toy.zero_grad(set_to_none=True)
+    batch = toy.tokenize(TEXTS)
+    out = toy(**batch)
+    loss = sim(out["logits"], out["labels"], batch["input_ids"], batch["attention_mask"])  # the similarity term alone
+    assert 0.0 <= float(loss.detach()) <= 2.0
+    loss.backward()
+    dec = dict(toy.decoder.named_parameters())
+    with_grad = [n for n, p in dec.items() if p.grad is not None and float(p.grad.abs().sum()) > 0]
+    assert len(with_grad) == len(dec), sorted(set(dec) - set(with_grad))
+    assert toy.encoder.pooler.proj[0].weight.grad.abs().sum() > 0  # and on into the encoder
+    assert all(p.grad is None for p in sim.model.parameters())  # the paraphrase model stays frozen
+    toy.zero_grad(set_to_none=True)
+
+
+def test_similarity_is_low_for_the_exact_reconstruction(toy, sim):
+    batch = toy.tokenize(TEXTS)
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
+    logits = torch.full((*labels.shape, len(toy.tokenizer)), -30.0)
+    logits.scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 30.0)  # a peaked decoder that predicts the input
+    exact = float(sim(logits, labels, batch["input_ids"], batch["attention_mask"]))
+    shuffled = float(sim(logits.flip(0), labels.flip(0), batch["input_ids"], batch["attention_mask"]))
+    assert exact < 1e-4 < 0.2 < shuffled
+
+
+def test_similarity_needs_a_shared_vocab(toy):
+    from transformers import AutoTokenizer
+    from invemb.encoder import resolve_model_path
+    other = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    other.add_tokens(["zzzunseen"])
+    with pytest.raises(InvembError, match="different vocabulary"):
+        SentenceSimilarityLoss(other, "all-MiniLM-L6-v2")
+    with pytest.raises(InvembError, match="id_map must have shape"):
+        SentenceSimilarityLoss(other, "all-MiniLM-L6-v2", id_map=torch.arange(5))
+
+
+def test_min_over_paraphrases_picks_the_minimum():
+    v = 5
+    labels = torch.tensor([[[1, 2, IGNORE], [3, IGNORE, IGNORE], [4, 4, 4]],
+                           [[0, 1, 2], [2, 2, IGNORE], [0, 0, 0]]])  # [B=2,P=3,T=3]
+    logits = torch.zeros(2, 3, 3, v)  # uniform: CE log(5) everywhere ...
+    logits[0, 1, 0, 3] = 10.0  # ... except example 0 paraphrase 1, predicted almost perfectly
+    logits[1, 2, :, 0] = 4.0  # example 1 paraphrase 2: better than uniform, but it is masked out below
+    logits[1, 0, :, 1] = 2.0  # example 1 paraphrase 0: worse than uniform (mass on the wrong token)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    ce = per_example_ce(logits, labels)  # [2,3]
+    got = min_paraphrase_ce(logits, labels, valid)
+    assert torch.allclose(got[0], ce[0, 1]) and float(got[0]) < 1e-3
+    assert torch.allclose(got[1], ce[1, 1]) and math.isclose(float(got[1]), math.log(v), rel_tol=1e-5)
+    assert float(ce[1, 2]) < float(got[1])  # the invalid (masked) paraphrase would have been lower
+    none = min_paraphrase_ce(logits, labels, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(2))
+
+
+def test_noise_scale_follows_rms():
+    torch.manual_seed(0)
+    v = torch.randn(64, 512) * torch.linspace(0.5, 4.0, 64).unsqueeze(1)  # rows of different scale
+    noisy = add_vector_noise(v, 0.1)
+    ratio = (noisy - v).std(dim=1) / v.pow(2).mean(1).sqrt()
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.1), atol=0.02)
+    assert torch.equal(add_vector_noise(v, 0.0), v)
+
+
+def test_objective_adds_paraphrase_and_noise_terms(toy, tmp_path):
+    f = tmp_path / "para.jsonl"
+    f.write_text(json.dumps({"text": TEXTS[0], "paraphrases": ["crude slides as opec pumps more", TEXTS[0]]}) + "\n")
+    table = load_paraphrases(f)
+    assert table == {TEXTS[0]: ["crude slides as opec pumps more"]}  # the identical paraphrase is dropped
+    batch = toy.tokenize(TEXTS)
+    para = toy.tokenize(["crude slides as opec pumps more", "x"])
+    obj = Objective(toy, noise_sigma=0.05).train()
+    out = obj(**batch, para_ids=para["input_ids"].unsqueeze(1), para_mask=para["attention_mask"].unsqueeze(1),
+              para_valid=torch.tensor([[True], [False]]))
+    assert float(out["para"]) > 0 and torch.isclose(out["loss"], out["ce"] + out["para"])
+    obj.eval()
+    a, b = obj(**batch)["loss"], obj(**batch)["loss"]
+    assert torch.equal(a, b)  # no noise at evaluation
+
+
+def test_paraphrase_file_errors(tmp_path):
+    with pytest.raises(InvembError, match="does not exist"):
+        load_paraphrases(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n')
+    with pytest.raises(InvembError, match="bad.jsonl:1"):
+        load_paraphrases(bad)

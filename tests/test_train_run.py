@@ -1,0 +1,121 @@
+"""train/run.py in plain-PyTorch mode on the toy recipe: run-folder outputs, kill + resume equivalence, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from _train_fixtures import FAST, REPO, RUN, TOY, env, final_state, launch, records, write_headlines
+
+sys.path.insert(0, str(REPO))
+from train import run as train_run  # noqa: E402
+
+BERTSCORE = ["bertscore_subset=4", "bertscore_model=all-MiniLM-L6-v2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_headlines(tmp_path_factory.mktemp("data") / "headlines.txt")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, *BERTSCORE])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_run_folder_has_config_metrics_plots_examples_and_final(uninterrupted):
+    from invemb.model import InvertibleEmbedder
+    out = uninterrupted
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_steps"] == 6 and cfg["model"]["encoder"]["sentence_dim"] == 64
+    assert (out / "config.yaml").is_file() and len((out / "git.txt").read_text().strip()) >= 7
+    train, val = records(out, "train"), records(out, "val")
+    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in val] == [3, 6]
+    for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "top1", "top5"):
+        assert all(r[key] >= 0 for r in train), key
+    for key in ("val_loss", "val_top1", "val_top5", "val_bertscore", "train_bertscore"):
+        assert all(0 <= r[key] < 20 for r in val), key
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("loss.png", "accuracy.png", "top5.png", "bertscore.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG", name
+    table = (out / "examples.md").read_text().splitlines()
+    assert table[0].startswith("| # | validation headline | greedy | beam 4 |") and len(table) >= 2 + 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_val"]["step"] == 6 and summary["engine"] == "plain"
+    model = InvertibleEmbedder.from_pretrained(out / "final")
+    texts = model.decode(model.encode(["Apple shares jump after earnings"]), beam_size=2)
+    assert isinstance(texts, list) and len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, data, tmp_path):
+    out = tmp_path / "b"
+    args = ["--config", TOY, "--data", data, "--out", out, *FAST, *BERTSCORE]
+    p = launch(args + ["--stop-after-steps", "3"])  # step 3 is not a save_every step: saved because of the stop
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003" and not (out / "final").exists()
+    p = launch(args + ["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = records(uninterrupted, "val"), records(out, "val")
+    assert [r["step"] for r in b] == [3, 6]  # nothing logged twice
+    for key in ("val_loss", "val_top1", "val_top5", "val_bertscore", "lr"):
+        assert b[-1][key] == pytest.approx(a[-1][key], abs=1e-5), key
+    sa, sb = final_state(uninterrupted), final_state(out)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def _fails(capsys, argv: list, match: str, out=None) -> None:
+    rc = train_run.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and match in err and "\n" not in err, err
+    if out is not None:
+        assert not out.exists()  # failed before any training output
+
+
+def test_bad_input_fails_before_training(capsys, data, tmp_path, monkeypatch):
+    out = tmp_path / "never"
+    base = ["--config", TOY, "--out", out]
+    _fails(capsys, base + ["--data", tmp_path / "missing"], "does not exist", out)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    _fails(capsys, base + ["--data", tmp_path / "empty.txt"], "no headlines found", out)
+    _fails(capsys, base + ["--data", data, "bogus_key=1"], "unknown config key(s) in train: ['bogus_key']", out)
+    _fails(capsys, base + ["--data", data, "model.decoder.bogus=1"], "unknown config key(s) in decoder", out)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("preset: toy\nlearning_rate: 0.1\n")
+    _fails(capsys, ["--config", bad_yaml, "--out", out, "--data", data], "['learning_rate']", out)
+    _fails(capsys, ["--config", tmp_path / "nope.yaml", "--data", data], "does not exist")
+    _fails(capsys, base + ["--data", data, "train_limit=4"], "fewer than one optimizer step", out)
+    _fails(capsys, base + ["--data", data, "deepspeed_config=train/ds_config/nope.json"], "nope.json", out)
+    conflicting = tmp_path / "ds.json"
+    conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
+    _fails(capsys, base + ["--data", data, f"deepspeed_config={conflicting}"], "disagrees with the recipe", out)
+    _fails(capsys, base + ["--data", data, "--resume"], "no checkpoint", out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(capsys, base + ["--data", data, "batch_size=7", "deepspeed_config=train/ds_config/zero2.json"],
+           "batch_size 7 is not divisible by the world size 2", out)
+    _fails(capsys, base + ["--data", data], "need a deepspeed_config", out)
+
+
+def test_resume_refuses_an_incompatible_checkpoint(capsys, uninterrupted, data, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "metrics.jsonl").read_text()
+    base = ["--config", TOY, "--data", data, "--out", out, *FAST]
+    _fails(capsys, base + ["--resume", "model.decoder.n_layers=1"], "different model config (decoder.n_layers: 2 -> 1)")
+    _fails(capsys, base + ["--resume", "batch_size=4"], "batch_size was 8, now 4")
+    _fails(capsys, base, "already holds checkpoints")
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_cli_exit_code_and_one_line_error(data):
+    p = subprocess.run([sys.executable, str(RUN), "--config", str(TOY), "--data", str(data), "nonsense=3"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "nonsense" in p.stderr, p.stderr
