@@ -120,7 +120,8 @@ def beam_parity(model, export_dir: str | Path, texts: list[str], beam_size: int 
     return rows, details
 
 
-def print_table(rows: list[Row], file=sys.stdout) -> None:
+def print_table(rows: list[Row], file=None) -> None:
+    file = file or sys.stdout
     head = ("check", "case", "value", "limit", "ok")
     cells = [head] + [(r.check, r.case, r.value, r.limit, "PASS" if r.ok else "FAIL") for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]

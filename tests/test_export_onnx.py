@@ -1,0 +1,200 @@
+"""ONNX export of a toy checkpoint: files + manifest, graph parity at untraced shapes, ORT beam search == torch,
+Triton placement, atomic output, clear errors for corrupted checkpoints and bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `export` is not installed
+
+from export import to_onnx, validate  # noqa: E402
+from invemb.errors import InvembError  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(toy_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "toy"
+    with to_onnx.quiet_exporter():
+        to_onnx.export_checkpoint(toy_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_embedder(onnx_dir):
+    from invemb.ort import OnnxEmbedder
+    return OnnxEmbedder(onnx_dir, threads=1)
+
+
+def test_export_writes_graphs_manifest_and_tokenizer(onnx_dir, toy_model):
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+    m = json.loads((onnx_dir / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["decoder_kind"] == "transformer"
+    cfg = toy_model.config
+    assert (m["sentence_dim"], m["num_layers"], m["num_heads"], m["head_dim"], m["memory_slots"], m["max_length"]) \
+        == (cfg.encoder.sentence_dim, cfg.decoder.n_layers, cfg.decoder.n_heads,
+            cfg.decoder.d_model // cfg.decoder.n_heads, cfg.decoder.memory_slots, cfg.encoder.max_length)
+    assert m["special_ids"] == {"bos": toy_model.bos_id, "eos": toy_model.eos_id, "pad": toy_model.pad_id}
+    assert m["vocab_size"] == len(toy_model.tokenizer)
+    assert set(m["graphs"]) == {"encoder", "decoder_init", "decoder_step"}
+    layers = range(cfg.decoder.n_layers)
+    step = m["graphs"]["decoder_step"]
+    assert [t["name"] for t in step["inputs"]] == ["input_ids"] + [
+        f"{p}_{kv}_{i}" for p in ("cross", "past") for i in layers for kv in ("key", "value")]
+    assert step["inputs"][-1]["shape"] == ["batch", m["num_heads"], "past", m["head_dim"]]
+    for name, g in m["graphs"].items():  # the graph files carry exactly the manifest's names, ranks and dtypes
+        path = onnx_dir / g["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == g["sha256"]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for got, want in [(sess.get_inputs(), g["inputs"]), (sess.get_outputs(), g["outputs"])]:
+            assert [(t.name, len(t.shape)) for t in got] == [(t["name"], len(t["shape"])) for t in want]
+            assert [t.type for t in got] == [f"tensor({'float' if t['dtype'] == 'float32' else t['dtype']})"
+                                             for t in want]
+            for t, w in zip(got, want):  # symbolic axes stayed dynamic (not frozen to the traced size)
+                assert all(isinstance(a, str) for a, s in zip(t.shape, w["shape"]) if isinstance(s, str)), t
+    tok = AutoTokenizer.from_pretrained(str(onnx_dir / m["tokenizer_dir"]))
+    assert tok("oil prices fall")["input_ids"] == toy_model.tokenizer("oil prices fall")["input_ids"]
+
+
+def test_graph_parity_at_untraced_shapes(onnx_dir, toy_model):
+    rows = validate.graph_parity(toy_model, onnx_dir, threads=1)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    cases = {(r.check, r.case) for r in rows}
+    L = toy_model.config.encoder.max_length
+    for b in (1, 7):
+        assert ("encoder", f"batch={b} sequence={L}") in cases
+        assert ("decoder_init", f"batch={b}") in cases
+        for p in (0, 1, 8, L - 1):
+            assert ("decoder_step", f"batch={b} past={p} new=1") in cases
+
+
+def test_parity_detects_a_wrong_graph(onnx_dir, toy_model, tmp_path):
+    """The parity check can fail: a graph exported from a perturbed decoder is out of tolerance."""
+    import copy
+
+    import torch
+    other = copy.deepcopy(toy_model)
+    with torch.no_grad():
+        other.decoder.ln_f.bias.add_(0.05)
+    rows = validate.graph_parity(other, onnx_dir, threads=1)
+    assert all(r.ok for r in rows if r.check == "encoder")
+    assert not any(r.ok for r in rows if r.check.startswith("decoder"))
+
+
+def test_ort_beam_search_returns_torch_texts(onnx_dir, toy_model, headlines32, ort_embedder):
+    rows, details = validate.beam_parity(toy_model, onnx_dir, headlines32, beam_size=4, embedder=ort_embedder)
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert details["ort"] == details["torch"]
+    assert details["torch_exact_match"] >= 0.5  # the toy memorised its headlines: decoding is non-trivial
+    vec = toy_model.encode(headlines32[:8])
+    assert ort_embedder.decode(vec, beam_size=1) == toy_model.decode(vec, beam_size=1)
+    assert ort_embedder.decode(vec, beam_size=3, max_length=6) == toy_model.decode(vec, beam_size=3, max_length=6)
+
+
+def test_ort_stepper_log_probs_match_torch_stepper(onnx_dir, toy_model, ort_embedder):
+    import torch
+
+    from invemb.model import TorchStepper
+    vec = toy_model.encode(["oil prices fall as opec output rises", "stocks rally"])
+    ts = TorchStepper(toy_model.decoder, torch.from_numpy(vec), toy_model.bos_id)
+    os_ = ort_embedder.stepper(vec)
+    (lp_t, c_t), (lp_o, c_o) = ts.start(3), os_.start(3)
+    assert lp_o.shape == lp_t.shape == (6, len(toy_model.tokenizer))
+    np.testing.assert_allclose(lp_o, lp_t, atol=2e-4)
+    rows = np.array([0, 0, 2, 3, 5, 5])
+    tokens = lp_t.argmax(-1)
+    lp_t, c_t = ts.step(tokens, ts.reorder(c_t, rows))
+    lp_o, c_o = os_.step(tokens, os_.reorder(c_o, rows))
+    np.testing.assert_allclose(lp_o, lp_t, atol=2e-4)
+    assert set(c_o) == set(c_t) and c_o["past_key_0"].shape == tuple(c_t["past_key_0"].shape) == (6, 4, 2, 16)
+
+
+def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
+    repo = tmp_path / "model_repository"
+    for name in ("encoder", "beam_search"):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text("name: x")
+    (repo / "beam_search" / "1" / "model.py").write_text("# serving code")
+    to_onnx.place_in_triton_repo(onnx_dir, repo)
+    to_onnx.place_in_triton_repo(onnx_dir, repo)  # idempotent
+    for g in ("encoder", "decoder_init", "decoder_step"):
+        assert (repo / g / "1" / "model.onnx").read_bytes() == (onnx_dir / f"{g}.onnx").read_bytes()
+    for name in ("tokenizer", "beam_search"):
+        assert (repo / name / "1" / "manifest.json").read_text() == (onnx_dir / "manifest.json").read_text()
+        assert (repo / name / "1" / "tokenizer" / "tokenizer.json").is_file()
+    assert (repo / "encoder" / "config.pbtxt").read_text() == "name: x"
+    assert (repo / "beam_search" / "1" / "model.py").read_text() == "# serving code"
+    assert not [p for p in repo.rglob(".*")]  # no temp leftovers
+
+
+def test_export_is_atomic(toy_model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous export")
+    real = to_onnx._export_graph
+
+    def failing(module, spec, path, *a):
+        if spec.name == "decoder_step":
+            raise RuntimeError("simulated exporter failure")
+        return real(module, spec, path, *a)
+
+    monkeypatch.setattr(to_onnx, "_export_graph", failing)
+    with to_onnx.quiet_exporter(), pytest.raises(RuntimeError, match="simulated"):
+        to_onnx.export_model(toy_model, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "corrupted or incompatible"),
+    ("no-config", "not an invemb checkpoint"),
+    ("bad-json", "not valid JSON"),
+])
+def test_corrupted_checkpoint_gives_one_line_error(toy_checkpoint, tmp_path, capsys, damage, message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_checkpoint, ckpt)
+    if damage == "truncate":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif damage == "no-config":
+        (ckpt / "config.json").unlink()
+    else:
+        (ckpt / "config.json").write_text("{not json")
+    rc = to_onnx.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_embedder_bad_input(onnx_dir, ort_embedder, tmp_path):
+    from invemb.ort import OnnxEmbedder
+    with pytest.raises(InvembError, match=r"shape \[N, 64\]"):
+        ort_embedder.decode(np.zeros((2, 5), np.float32))
+    with pytest.raises(InvembError, match="NaN or Inf"):
+        ort_embedder.decode(np.full((1, 64), np.nan, np.float32))
+    with pytest.raises(InvembError, match="empty"):
+        ort_embedder.encode(["ok", "  "])
+    with pytest.raises(InvembError, match="no manifest.json"):
+        OnnxEmbedder(tmp_path)
+    with pytest.raises(InvembError, match="no 'int4' variant"):
+        OnnxEmbedder(onnx_dir, variant="int4")
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_dir, broken)
+    (broken / "decoder_step.onnx").write_bytes(b"not a graph")
+    with pytest.raises(InvembError, match="cannot load ONNX graph"):
+        OnnxEmbedder(broken)
+
+
+def test_validate_cli_passes(toy_checkpoint, onnx_dir, data_dir, capsys):
+    rc = validate.main(["--checkpoint", str(toy_checkpoint), "--onnx", str(onnx_dir), "--data", str(data_dir),
+                        "-n", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"decoder_step +\| batch=7 past=31 new=1 +\| .* PASS", out) and "OK:" in out
