@@ -198,3 +198,22 @@ def test_validate_cli_passes(toy_checkpoint, onnx_dir, data_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert re.search(r"decoder_step +\| batch=7 past=31 new=1 +\| .* PASS", out) and "OK:" in out
+
+
+def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
+    """optimize.py: fused + int8 graphs load through the manifest and cost at most 5 points of token accuracy
+    (and 0.01 of encoder cosine) on the memorised headlines."""
+    from export import optimize
+    d = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, d)
+    made = optimize.make_variants(d, ("opt", "int8"))
+    assert made["int8"]["files"] == {g: f"{g}.int8.onnx" for g in ("encoder", "decoder_init", "decoder_step")}
+    assert made["opt"]["fused_ops"].get("SkipLayerNormalization", 0) > 0
+    rows = {r["variant"]: r for r in optimize.measure(d, headlines32, ("opt", "int8"), threads=1, repeats=1)}
+    assert rows["fp32"]["token_accuracy"] >= 0.5
+    assert rows["opt"]["same_text_as_fp32"] == 1.0 and rows["opt"]["cosine_min"] > 0.9999
+    assert rows["int8"]["cosine_min"] > 0.99
+    assert rows["int8"]["token_accuracy_change"] >= -0.05
+    import onnx
+    head = onnx.load(str(d / "decoder_step.int8.onnx")).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in head.node)
