@@ -119,3 +119,19 @@ def test_cli_exit_code_and_one_line_error(data):
     p = subprocess.run([sys.executable, str(RUN), "--config", str(TOY), "--data", str(data), "nonsense=3"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "nonsense" in p.stderr, p.stderr
+
+
+def test_fine_tuning_losses_train_end_to_end(data, tmp_path):
+    """noise + Gumbel similarity (all-MiniLM-L6-v2) + min-over-paraphrases in the real loop; terms are logged."""
+    texts = data.read_text().splitlines()
+    para = tmp_path / "para.jsonl"
+    para.write_text("".join(json.dumps({"text": t, "paraphrases": [t.lower() + " today", "markets move"]}) + "\n"
+                            for t in texts))
+    out = tmp_path / "ft"
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, "max_steps=2", "log_every=1",
+                "noise_sigma=0.1", "sim_loss_weight=0.5", "gumbel_tau=0.5", f"paraphrase_file={para}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = records(out, "train")
+    assert all(r["sim"] > 0 and r["para"] > 0 for r in train)
+    assert all(r["loss"] == pytest.approx(r["ce"] + 0.5 * r["sim"] + r["para"], rel=1e-5) for r in train)
+    assert (out / "final" / "model.safetensors").is_file()

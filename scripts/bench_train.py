@@ -1,0 +1,184 @@
+"""Training throughput: plain PyTorch vs DeepSpeed ZeRO-2 (bf16 where the GPU has it) on one recipe.
+
+    # CPU (2 cores: plain = one process with every core, zero2 = 2 gloo ranks x 1 thread):
+    python scripts/bench_train.py --config train/configs/small.yaml --data ../shared/data/financial-news-headlines
+    # GPU, one command (writes results/bench_train_gpu.md):
+    python scripts/bench_train.py --config train/configs/report-768-attention.yaml --data DATA --steps 60 --ranks 1
+
+Each mode runs train/run.py for --steps optimizer steps (validation, BERTScore and checkpoints reduced to the
+minimum) and reads tokens/s and samples/s from its metrics.jsonl, skipping the first logged window (warm-up).
+Tokens are the non-padding decoder tokens (+1 per row). MFU = tokens/s x FLOPs per token / peak, with FLOPs per
+token ~ 6 x trainable matmul parameters + 2 x frozen ones (the tied output head counts, embedding lookups and
+attention scores don't). Peak: the GPU's dense bf16 (or fp32 without bf16) datasheet number, or on CPU the
+measured fp32 matmul rate of this machine (so CPU MFU is relative to what torch reaches here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# dense TFLOP/s (bf16, fp32 non-tensor-core) from the datasheets
+GPU_PEAK = {"H100 SXM": (989.4, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.4, 67.0), "H200": (989.4, 67.0),
+            "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "A10": (125.0, 31.2)}
+
+
+def flops_per_token(cfg) -> tuple[float, int, int]:
+    """(FLOPs per training token, trainable matmul params, frozen matmul params) of the recipe's model."""
+    from invemb.model import InvertibleEmbedder
+    model = InvertibleEmbedder(cfg.model)
+    trainable = frozen = 0
+    tied = model.config.decoder.tie_embeddings and model.config.decoder.kind == "transformer"
+    for name, p in model.named_parameters():  # shared (tied) parameters are listed once, as decoder.tok
+        lookup = "embeddings" in name or name.startswith(("decoder.pos", "decoder.memory.slot_emb")) or (
+            name == "decoder.tok.weight" and not tied)
+        if p.dim() < 2 or lookup:
+            continue  # biases/norms and embedding lookups (a tied decoder.tok doubles as the output head: counted)
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return 6.0 * trainable + 2.0 * frozen, trainable, frozen
+
+
+def cpu_peak_flops(seconds: float = 2.0) -> float:
+    import torch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+
+
+def machine() -> dict:
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count()}
+    try:
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or "unknown"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["bf16"] = torch.cuda.is_bf16_supported()
+    try:
+        import deepspeed
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        info["deepspeed"] = None
+    return info
+
+
+def gpu_peak(name: str, bf16: bool) -> float | None:
+    for key, (b, f) in GPU_PEAK.items():
+        if key.lower() in name.lower():
+            return (b if bf16 else f) * 1e12
+    return None
+
+
+def run_mode(mode: str, a, workdir: Path, log) -> dict:
+    out = workdir / mode
+    shutil.rmtree(out, ignore_errors=True)
+    log_every = max(1, a.steps // 6)
+    over = [f"max_steps={a.steps}", f"log_every={log_every}", "eval_every=0", "save_every=0", "val_limit=32",
+            "bertscore_subset=0", f"train_limit={a.steps * a.batch_size}", f"batch_size={a.batch_size}", "epochs=1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if mode == "plain":
+        cmd = [sys.executable, str(REPO / "train/run.py")]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(a.ranks), str(REPO / "train/run.py")]
+        over.append(f"deepspeed_config={REPO / 'train/ds_config/zero2.json'}")
+        if a.ranks > 1 and not a.gpu:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.ranks))
+    cmd += ["--config", a.config, "--out", str(out), *(["--data", a.data] if a.data else []), *over, *a.override]
+    log(f"$ {' '.join(map(str, cmd))}")
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{mode} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"][1:] or [r for r in recs if r["kind"] == "train"]
+    summary = json.loads((out / "summary.json").read_text())
+    tok = sum(r["tokens_per_s"] for r in train) / len(train)
+    smp = sum(r["samples_per_s"] for r in train) / len(train)
+    return {"mode": mode, "ranks": 1 if mode == "plain" else a.ranks, "bf16": summary["bf16"], "tokens_per_s": tok,
+            "samples_per_s": smp,
+            "step_s": a.batch_size / smp, "wall_s": time.time() - t0, "final_loss": train[-1]["loss"]}
+
+
+def main(argv=None) -> int:
+    import torch
+    from invemb.errors import InvembError
+    from train.run import load_config
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"))
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=0, help="global batch (default: the recipe's)")
+    ap.add_argument("--ranks", type=int, default=0, help="DeepSpeed ranks (default: GPUs, or 2 on CPU)")
+    ap.add_argument("--modes", default="plain,zero2")
+    ap.add_argument("--out", default=None, help="markdown report (default results/bench_train[_gpu].md)")
+    ap.add_argument("--workdir", default=str(REPO / "runs/bench_train"))
+    ap.add_argument("override", nargs="*", help="extra recipe overrides key=value")
+    a = ap.parse_args(argv)
+    a.gpu = torch.cuda.is_available()
+    a.ranks = a.ranks or (torch.cuda.device_count() if a.gpu else 2)
+    try:
+        cfg = load_config(a.config, a.override)
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    a.batch_size = a.batch_size or cfg.batch_size
+    info = machine()
+    lines: list[str] = []
+    log = lambda s: (print(s, file=sys.stderr), lines.append(s))  # noqa: E731
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if "zero2" in modes and info["deepspeed"] is None:
+        log("deepspeed is not installed: zero2 skipped")
+        modes.remove("zero2")
+    fpt, n_train, n_frozen = flops_per_token(cfg)
+    results = [run_mode(m, a, Path(a.workdir), log) for m in modes]
+    if a.gpu:
+        peaks = {r["mode"]: gpu_peak(info["gpu"], r["bf16"]) for r in results}
+        peak_note = f"{info['gpu']} datasheet dense peak (bf16 where used, else fp32)"
+    else:
+        p = cpu_peak_flops()
+        peaks = {r["mode"]: p for r in results}
+        peak_note = f"measured fp32 matmul rate of this CPU: {p / 1e9:.1f} GFLOP/s (2048x2048, all threads)"
+    out = Path(a.out or REPO / ("results/bench_train_gpu.md" if a.gpu else "results/bench_train.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["| mode | ranks | bf16 | samples/s | tokens/s | s/step | MFU | final train loss |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        peak = peaks[r["mode"]] * (r["ranks"] if a.gpu else 1)  # CPU ranks share the same cores
+        mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
+        rows.append(f"| {r['mode']} | {r['ranks']} | {r['bf16']} | {r['samples_per_s']:.1f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {mfu} | {r['final_loss']:.3f} |")
+    cmd = " ".join(["python scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
+    text = [f"# Training throughput: {Path(a.config).name}", "",
+            f"Measured {time.strftime('%Y-%m-%d')} with `{cmd}`.", "",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".", "",
+            f"Recipe: global batch {a.batch_size}, {a.steps} steps per mode, first logged window skipped. Model: "
+            f"{n_train / 1e6:.1f}M trainable + {n_frozen / 1e6:.1f}M frozen matmul parameters -> "
+            f"{fpt / 1e6:.0f} MFLOP per token (6 x trainable + 2 x frozen).", "",
+            *rows, "", f"MFU peak: {peak_note}.", "", "Commands run:", "", "```", *lines, "```", ""]
+    out.write_text("\n".join(text))
+    print("\n".join(rows))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
