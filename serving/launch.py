@@ -127,8 +127,10 @@ class TritonServer:
             raise ServerError(f"model repository {self.repo} does not exist")
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.log_file = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-",
-                                                                               suffix=".log")[1])
+        if log_file is None:
+            fd, log_file = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+        self.log_file = Path(log_file)
         self.echo, self.startup_timeout, self.log_verbose = echo, startup_timeout, log_verbose
         self.server_dir_arg, self.extra_args = server_dir, tuple(extra_args)
         self.proc: subprocess.Popen | None = None

@@ -43,7 +43,7 @@ def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def server(triton_repo):
-    with TritonServer(triton_repo[0], startup_timeout=300) as s:
+    with TritonServer(triton_repo[0], startup_timeout=300, log_file=triton_repo[0].parent / "server.log") as s:
         yield s
 
 
