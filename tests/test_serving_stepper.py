@@ -1,0 +1,90 @@
+"""invemb.graph_stepper without a server: the manifest-driven Stepper over a GRU export (hidden/context cache)
+equals the torch model's decode; manifests without step graphs and bad vectors fail clearly; the beam search's
+argpartition top-n equals the stable full argsort it replaced."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `export` is not installed
+
+from invemb.errors import InvembError  # noqa: E402
+from invemb.graph_stepper import GraphStepper, cache_plan, check_vectors, generation_config  # noqa: E402
+
+
+def test_gru_export_decodes_like_torch(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from export import to_onnx
+    from invemb.config import preset
+    from invemb.generation import generate
+    from invemb.model import InvertibleEmbedder
+    from invemb.ort import make_session
+    torch.manual_seed(3)
+    cfg = preset("toy").model
+    cfg.decoder = dataclasses.replace(cfg.decoder, kind="gru")
+    model = InvertibleEmbedder(cfg).eval()  # untrained: the token sequences are arbitrary but deterministic
+    with to_onnx.quiet_exporter():
+        manifest = to_onnx.export_model(model, tmp_path / "gru")
+    carried, first, _, _ = cache_plan(manifest)
+    assert carried == {"hidden": "present_hidden"} and first == {"hidden": "present_hidden", "context": "context"}
+    sessions = {g: make_session(tmp_path / "gru" / manifest["graphs"][g]["file"], threads=1)
+                for g in ("decoder_init", "decoder_step")}
+
+    def run(graph, feeds, outputs):
+        return dict(zip(outputs, sessions[graph].run(outputs, feeds)))
+
+    vectors = np.random.default_rng(0).standard_normal((5, model.sentence_dim)).astype(np.float32)
+    for beam in (1, 3):
+        hyps = generate(GraphStepper(run, manifest, vectors), generation_config(manifest, beam))
+        assert model.detokenize([h.tokens for h in hyps]) == model.decode(vectors, beam_size=beam)
+
+
+def _manifest(graphs: dict) -> dict:
+    return {"sentence_dim": 4, "max_length": 8, "special_ids": {"bos": 1, "eos": 2, "pad": 0},
+            "decoder_kind": "x", "graphs": {name: {"inputs": [{"name": n} for n in ins],
+                                                  "outputs": [{"name": n} for n in outs]}
+                                           for name, (ins, outs) in graphs.items()}}
+
+
+def test_manifests_without_usable_step_graphs_fail_clearly():
+    onepass = _manifest({"encoder": (["input_ids"], ["sentence_embedding"]),
+                         "decoder_onepass": (["sentence_embedding"], ["logits"])})
+    with pytest.raises(InvembError, match="no 'decoder_init' graph.*decoder_init \\+ decoder_step"):
+        cache_plan(onepass)
+    unfed = _manifest({"decoder_init": (["sentence_embedding"], ["log_probs", "cross_key_0"]),
+                       "decoder_step": (["input_ids", "cross_key_0", "past_key_0"], ["log_probs", "present_key_0"])})
+    with pytest.raises(InvembError, match=r"unfed step inputs \['past_key_0'\]"):
+        cache_plan(unfed)
+
+
+def test_vector_and_generation_checks():
+    m = _manifest({})
+    assert check_vectors(m, [0.0, 1.0, 2.0, 3.0]).shape == (1, 4)
+    with pytest.raises(InvembError, match=r"shape \[N, 4\].*\[2, 3\]"):
+        check_vectors(m, np.zeros((2, 3)))
+    with pytest.raises(InvembError, match=r"row\(s\) \[1\] contain NaN or Inf"):
+        check_vectors(m, [[0, 0, 0, 0], [0, np.inf, 0, 0]])
+    with pytest.raises(InvembError, match="not numeric"):
+        check_vectors(m, [["a", "b", "c", "d"]])
+    assert generation_config(m).max_length == 7 and generation_config(m).eos_id == 2
+    with pytest.raises(InvembError, match=r"max_length must be in \[1, 7\]"):
+        generation_config(m, 4, 8)
+    with pytest.raises(InvembError, match="beam_size must be >= 1"):
+        generation_config(m, 0)
+
+
+def test_top_n_equals_stable_argsort():
+    from invemb.generation import top_n
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        rows, width, n = rng.integers(1, 6), rng.integers(1, 80), rng.integers(1, 12)
+        x = rng.integers(-3, 3, size=(rows, width)).astype(float) if trial % 2 else rng.standard_normal((rows, width))
+        if trial % 3 == 0:
+            x[:, ::2] = -1e9  # dead beams, as at the first search step
+        np.testing.assert_array_equal(top_n(x, n), np.argsort(-x, axis=1, kind="stable")[:, :n])
