@@ -191,14 +191,14 @@ class TritonServer:
             lines = self.log_file.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        keep = [ln for ln in lines if (ln.startswith("E") or "UNAVAILABLE" in ln) and not any(
-            s in ln for s in HARMLESS)]
+        keep = [ln.split("\\n")[0][:400] for ln in lines if ln.startswith("E") and not any(
+            s in ln for s in HARMLESS)]  # first line of each error (the log escapes tracebacks as \n)
         return "\n".join(keep[:limit])
 
     def _failure(self, what: str) -> ServerError:
         errors = self.log_errors()
-        return ServerError(f"{what} (log {self.log_file})" + (f"\nerrors:\n{errors}" if errors else "")
-                           + f"\nlog tail:\n{self.log_tail()}")
+        return ServerError(f"{what} (full log: {self.log_file})" + (f"\nerrors:\n{errors}" if errors else "")
+                           + f"\nlog tail:\n{self.log_tail(8 if errors else 40)}")
 
     def is_ready(self) -> bool:
         try:
@@ -258,6 +258,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="do not echo the server log to stdout")
     ap.add_argument("--log-verbose", type=int, default=0)
     args = ap.parse_args(argv)
+    repo = Path(args.repo)
+    if (repo / "tokenizer" / "config.pbtxt").is_file() and not (repo / "tokenizer" / "1" / "manifest.json").is_file():
+        print(f"error: {repo} holds no exported model: run `python export/to_onnx.py --checkpoint CKPT --out DIR "
+              f"--triton-repo {repo}` first", file=sys.stderr)
+        return 2
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_file=args.log_file, echo=not args.quiet,
