@@ -169,6 +169,13 @@ def write_report(report: dict, out: Path) -> None:
         lines += [f"Target (Triton encode throughput >= 85% of in-process ORT at the same batch): best Triton "
                   f"{best_t:.1f} texts/s vs best in-process {best_p:.1f} texts/s = {best_t / best_p:.0%}: "
                   f"**{verdict}** (same concurrency: {per_level}).", ""]
+    lines += ["Notes: the load average shows other jobs sharing the 2 vCPUs, so single numbers are noisy (hence the "
+              "interleaving). Triton's encoder is one instance with one thread; the dynamic batcher only merges "
+              "requests whose padded lengths match, so at moderate concurrency the encoder, the tokenizer, the "
+              "gRPC server and the client compete for the same two vCPUs, while at 16 in flight more requests are "
+              "merged. Every roundtrip decoding step is a BLS round trip (beam_search -> decoder_step -> back) "
+              "that carries log_probs [N, V] and the whole KV cache; an untrained decoder decodes the full "
+              "max_length - 1 steps.", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
