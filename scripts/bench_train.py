@@ -2,6 +2,7 @@
 
     # CPU (2 cores: plain = one process with every core, zero2 = 2 gloo ranks x 1 thread):
     python scripts/bench_train.py --config train/configs/small.yaml --data ../shared/data/financial-news-headlines
+    # several recipes in one report:  --config train/configs/toy.yaml --config train/configs/small.yaml
     # GPU, one command (writes results/bench_train_gpu.md):
     python scripts/bench_train.py --config train/configs/report-768-attention.yaml --data DATA --steps 60 --ranks 1
 
@@ -50,15 +51,19 @@ def flops_per_token(cfg) -> tuple[float, int, int]:
     return 6.0 * trainable + 2.0 * frozen, trainable, frozen
 
 
-def cpu_peak_flops(seconds: float = 2.0) -> float:
+def cpu_peak_flops(trials: int = 3, seconds: float = 1.0) -> float:
+    """Best of `trials` timed runs of a 2048x2048 fp32 matmul with all threads (FLOP/s)."""
     import torch
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return n * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        best = max(best, n * 2 * 2048 ** 3 / (time.perf_counter() - t0))
+    return best
 
 
 def machine() -> dict:
@@ -102,7 +107,7 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
         over.append(f"deepspeed_config={REPO / 'train/ds_config/zero2.json'}")
         if a.ranks > 1 and not a.gpu:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.ranks))
-    cmd += ["--config", a.config, "--out", str(out), *(["--data", a.data] if a.data else []), *over, *a.override]
+    cmd += ["--config", a.recipe, "--out", str(out), *(["--data", a.data] if a.data else []), *over, *a.override]
     log(f"$ {' '.join(map(str, cmd))}")
     t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -118,15 +123,49 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
             "step_s": a.batch_size / smp, "wall_s": time.time() - t0, "final_loss": train[-1]["loss"]}
 
 
+def bench_config(config: str, a, info: dict, log) -> list[str]:
+    """Run every mode on one recipe; returns its markdown section."""
+    from train.run import load_config
+    cfg = load_config(config, a.override)
+    a.recipe, a.batch_size = config, a.batch_size_arg or cfg.batch_size
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if "zero2" in modes and info["deepspeed"] is None:
+        log("deepspeed is not installed: zero2 skipped")
+        modes.remove("zero2")
+    fpt, n_train, n_frozen = flops_per_token(cfg)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results = [run_mode(m, a, Path(a.workdir) / Path(config).stem, log) for m in modes]
+    if a.gpu:
+        peaks = {r["mode"]: gpu_peak(info["gpu"], r["bf16"]) for r in results}
+        peak_note = f"{info['gpu']} datasheet dense peak per GPU (bf16 where used, else fp32)"
+    else:
+        peaks = {r["mode"]: a.cpu_peak for r in results}
+        peak_note = (f"fp32 matmul rate of this CPU measured before the runs: {a.cpu_peak / 1e9:.1f} GFLOP/s "
+                     "(2048x2048, all threads, best of 3); on a shared machine both sides vary with the load")
+    rows = ["| mode | ranks | bf16 | samples/s | tokens/s | s/step | MFU | final train loss |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        peak = peaks[r["mode"]] * (r["ranks"] if a.gpu and r["mode"] != "plain" else 1)  # CPU ranks share cores
+        mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
+        rows.append(f"| {r['mode']} | {r['ranks']} | {r['bf16']} | {r['samples_per_s']:.1f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {mfu} | {r['final_loss']:.3f} |")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print("\n".join(rows))
+    return [f"## {Path(config).name}", "",
+            f"Global batch {a.batch_size}, {a.steps} steps per mode, first logged window skipped. Model: "
+            f"{n_train / 1e6:.1f}M trainable + {n_frozen / 1e6:.1f}M frozen matmul parameters -> "
+            f"{fpt / 1e6:.0f} MFLOP per token (6 x trainable + 2 x frozen). 1-min load average before/after: "
+            f"{load0:.1f} / {load1:.1f}.", "", *rows, "", f"MFU peak: {peak_note}.", ""]
+
+
 def main(argv=None) -> int:
     import torch
     from invemb.errors import InvembError
-    from train.run import load_config
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"))
+    ap.add_argument("--config", action="append", help="recipe(s); repeat for several (default: small.yaml)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=0, help="global batch (default: the recipe's)")
+    ap.add_argument("--batch-size", dest="batch_size_arg", type=int, default=0, help="global batch (default: recipe)")
     ap.add_argument("--ranks", type=int, default=0, help="DeepSpeed ranks (default: GPUs, or 2 on CPU)")
     ap.add_argument("--modes", default="plain,zero2")
     ap.add_argument("--out", default=None, help="markdown report (default results/bench_train[_gpu].md)")
@@ -135,47 +174,28 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.gpu = torch.cuda.is_available()
     a.ranks = a.ranks or (torch.cuda.device_count() if a.gpu else 2)
+    info = machine()
+    a.cpu_peak = None if a.gpu else cpu_peak_flops()
+    lines: list[str] = []
+    log = lambda s: (print(s, file=sys.stderr), lines.append(s))  # noqa: E731
+    sections: list[str] = []
     try:
-        cfg = load_config(a.config, a.override)
+        for config in a.config or [str(REPO / "train/configs/small.yaml")]:
+            sections += bench_config(config, a, info, log)
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    a.batch_size = a.batch_size or cfg.batch_size
-    info = machine()
-    lines: list[str] = []
-    log = lambda s: (print(s, file=sys.stderr), lines.append(s))  # noqa: E731
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    if "zero2" in modes and info["deepspeed"] is None:
-        log("deepspeed is not installed: zero2 skipped")
-        modes.remove("zero2")
-    fpt, n_train, n_frozen = flops_per_token(cfg)
-    results = [run_mode(m, a, Path(a.workdir), log) for m in modes]
-    if a.gpu:
-        peaks = {r["mode"]: gpu_peak(info["gpu"], r["bf16"]) for r in results}
-        peak_note = f"{info['gpu']} datasheet dense peak (bf16 where used, else fp32)"
-    else:
-        p = cpu_peak_flops()
-        peaks = {r["mode"]: p for r in results}
-        peak_note = f"measured fp32 matmul rate of this CPU: {p / 1e9:.1f} GFLOP/s (2048x2048, all threads)"
     out = Path(a.out or REPO / ("results/bench_train_gpu.md" if a.gpu else "results/bench_train.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["| mode | ranks | bf16 | samples/s | tokens/s | s/step | MFU | final train loss |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        peak = peaks[r["mode"]] * (r["ranks"] if a.gpu else 1)  # CPU ranks share the same cores
-        mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
-        rows.append(f"| {r['mode']} | {r['ranks']} | {r['bf16']} | {r['samples_per_s']:.1f} | "
-                    f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {mfu} | {r['final_loss']:.3f} |")
     cmd = " ".join(["python scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
-    text = [f"# Training throughput: {Path(a.config).name}", "",
+    text = ["# Training throughput: plain PyTorch vs DeepSpeed ZeRO-2", "",
             f"Measured {time.strftime('%Y-%m-%d')} with `{cmd}`.", "",
             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".", "",
-            f"Recipe: global batch {a.batch_size}, {a.steps} steps per mode, first logged window skipped. Model: "
-            f"{n_train / 1e6:.1f}M trainable + {n_frozen / 1e6:.1f}M frozen matmul parameters -> "
-            f"{fpt / 1e6:.0f} MFLOP per token (6 x trainable + 2 x frozen).", "",
-            *rows, "", f"MFU peak: {peak_note}.", "", "Commands run:", "", "```", *lines, "```", ""]
+            "plain = one process (all cores / one GPU, bf16 autocast where supported); zero2 = `deepspeed` ranks "
+            "(on CPU: gloo ranks with OMP_NUM_THREADS = cores / ranks). tokens = non-padding decoder tokens + 1 "
+            "per row; MFU = tokens/s x FLOPs per token / peak.", "", *sections,
+            "Commands run:", "", "```", *lines, "```", ""]
     out.write_text("\n".join(text))
-    print("\n".join(rows))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

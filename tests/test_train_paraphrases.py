@@ -60,3 +60,8 @@ def test_bad_input(tmp_path, capsys):
     assert make_paraphrases.main(["--data", str(data), "--out", str(bad)]) == 2
     assert "is not a paraphrase record" in capsys.readouterr().err
     assert make_paraphrases.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl")]) == 2
+
+
+def test_clean_drops_echoed_instructions():
+    assert make_paraphrases.clean("Reply:", "x") == ""
+    assert make_paraphrases.clean("Rewrite this headline with different words:", "x") == ""

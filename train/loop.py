@@ -273,7 +273,8 @@ class Trainer:
             examples_table(model, self.val_texts[:N_EXAMPLES], self.out / "examples.md")
             plots = make_plots(self.out / "metrics.jsonl", self.out / "plots")
             vals = [r for r in read_metrics(self.out / "metrics.jsonl") if r["kind"] == "val"]
-            summary = {"final_val": vals[-1] if vals else None, "steps": self.step, "wall_s": time.time() - self.t_start,
+            summary = {"final_val": vals[-1] if vals else None, "steps": self.step,
+                       "wall_s_this_process": time.time() - self.t_start,
                        "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage,
                        "world_size": self.world, "bf16": bool(getattr(self.eng, "bf16", False)),
                        "params_total": self.params_total, "params_trainable": self.params_trainable,
