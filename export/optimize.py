@@ -1,7 +1,7 @@
 """Optimised variants of an ONNX export, written next to the fp32 graphs, with measured speed and quality.
 
     python export/optimize.py --onnx onnx/small [--data PATH] [-n 64] [--variants opt,int8,fp16] [--threads 2]
-                              [--report results/optimize_export.md]
+                              [--report results/optimize_export.md] [--triton-repo R --place int8]
 
 Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, variant=NAME)):
   opt   encoder.opt.onnx: ORT transformer fusions (onnxruntime.transformers.optimizer; a dynamo export gets
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -67,10 +68,14 @@ def quantize_int8(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))
     fold_constant_transposes(model)
     tmp = dst.with_name(f".{dst.name}.pre.onnx")
+    root = logging.getLogger()
+    level = root.level
     try:
         onnx.save(model, str(tmp))
+        root.setLevel(logging.ERROR)  # quantize_dynamic advises shape-inference pre-processing on every call
         quantize_dynamic(str(tmp), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     finally:
+        root.setLevel(level)
         tmp.unlink(missing_ok=True)
 
 
@@ -185,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beam-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (same for every variant)")
     ap.add_argument("--report", default=None, help="also write the table here (.md, plus .json beside it)")
+    ap.add_argument("--triton-repo", default=None, help="place one variant's graphs in this Triton repository")
+    ap.add_argument("--place", default="int8", help="the variant --triton-repo places (default: int8)")
     args = ap.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     try:
         made = make_variants(args.onnx, variants)
         print("wrote " + "; ".join(f"{v}: {', '.join(x['files'].values())}" for v, x in made.items()))
+        if args.triton_repo:
+            from export.to_onnx import place_in_triton_repo
+            place_in_triton_repo(args.onnx, args.triton_repo, args.place)
+            print(f"placed the {args.place} graphs in {args.triton_repo}")
         if args.n <= 0:
             return 0
         from invemb.data import load_split

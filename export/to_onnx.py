@@ -237,16 +237,23 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike) -> list[Path]:
+def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
+                         variant: str | None = None) -> list[Path]:
     """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.
+    `variant` (e.g. "int8", made by export/optimize.py) places that variant's graph files instead.
     Only these files are replaced (config.pbtxt and model.py files written by the serving side stay)."""
     src, repo = Path(export_dir), Path(repo)
     manifest = read_manifest(src)
+    files = {name: g["file"] for name, g in manifest["graphs"].items()}
+    if variant:
+        if variant not in manifest.get("variants", {}):
+            raise InvembError(f"{src} has no {variant!r} variant (known: {sorted(manifest.get('variants', {}))})")
+        files.update(manifest["variants"][variant]["files"])
     placed = []
-    for name, g in manifest["graphs"].items():
+    for name, file in files.items():
         if name in TRITON_GRAPHS:
             dst = repo / name / "1" / "model.onnx"
-            _copy_atomic(src / g["file"], dst)
+            _copy_atomic(src / file, dst)
             placed.append(dst)
     for name in TRITON_ASSET_MODELS:
         ver = repo / name / "1"

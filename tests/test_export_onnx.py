@@ -217,3 +217,6 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     import onnx
     head = onnx.load(str(d / "decoder_step.int8.onnx")).graph
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in head.node)
+    to_onnx.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
+    assert (tmp_path / "repo" / "decoder_step" / "1" / "model.onnx").read_bytes() == \
+        (d / "decoder_step.int8.onnx").read_bytes()

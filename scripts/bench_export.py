@@ -1,0 +1,198 @@
+"""Speed of the exported model on this machine, all numbers from ONE run (ratios are what to compare):
+
+  encode   sentences/s: PyTorch eager vs ONNX Runtime fp32 vs ORT int8 (fused + dynamic int8)
+  decode   headlines/s, beam search (beam 4): PyTorch (TorchStepper) vs ORT (GraphStepper over ORT sessions) vs ORT int8
+  steps    KV-cached step decoding vs full recompute (PyTorch re-running decoder.forward on the whole prefix at
+           each step; greedy, no early stop) at generated lengths 8/16/24/32, plus ORT cached
+
+    python scripts/bench_export.py [--checkpoint DIR | --preset small] [--data PATH] [--threads 1]
+           [--encode-n 256] [--decode-n 16] [--step-rows 64] [--out results/bench_export]
+
+Default model: the `small` preset (MiniLM backbone from the pip package, decoder d_model 256 x 3 layers) with
+a random-initialised decoder (speed only: random decoders never emit EOS, so every search runs to max_length).
+Writes <out>.md and <out>.json with the machine, versions and the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `export.*` from the repository root
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def step_bench(model, emb, vecs, lengths, repeats: int) -> list[dict]:
+    """Greedy generation of exactly L tokens for len(vecs) rows: cached torch / recompute torch / cached ORT."""
+    import numpy as np
+    import torch
+    dec, bos = model.decoder, model.bos_id
+    v = torch.from_numpy(vecs)
+
+    @torch.no_grad()
+    def cached(n):
+        cache = dec.init_cache(v)
+        tok = torch.full((len(v), 1), bos, dtype=torch.long)
+        for _ in range(n):
+            logits, cache = dec.step(tok, cache)  # [N,1,V]
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def recompute(n):
+        ids = torch.full((len(v), 1), bos, dtype=torch.long)
+        for _ in range(n):
+            logits = dec(v, ids)  # [N,t,V]: the whole prefix again
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+    def ort_cached(n):
+        st = emb.stepper(vecs)
+        lp, cache = st.start(1)
+        for _ in range(n - 1):
+            lp, cache = st.step(lp.argmax(-1).astype(np.int64), cache)
+
+    rows = []
+    for n in lengths:
+        t_c, t_r, t_o = (best_time(lambda: f(n), repeats) for f in (cached, recompute, ort_cached))
+        rows.append({"length": n, "rows": len(v), "torch_cached_s": t_c, "torch_recompute_s": t_r,
+                     "ort_cached_s": t_o, "cached_speedup": t_r / t_c, "ort_cached_speedup": t_r / t_o})
+    return rows
+
+
+def run(args) -> dict:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from export import optimize, to_onnx
+    from invemb.config import preset
+    from invemb.data import load_split
+    from invemb.model import InvertibleEmbedder
+    from invemb.ort import OnnxEmbedder
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = (InvertibleEmbedder.from_pretrained(args.checkpoint) if args.checkpoint
+             else InvertibleEmbedder(preset(args.preset).model)).eval()
+    val = [r.text for r in load_split(args.data).val]
+    enc_texts, dec_texts = val[:args.encode_n], val[:args.decode_n]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        with to_onnx.quiet_exporter():
+            to_onnx.export_model(model, onnx_dir)
+        optimize.make_variants(onnx_dir, ("int8",))
+        ort32 = OnnxEmbedder(onnx_dir, threads=args.threads)
+        ort8 = OnnxEmbedder(onnx_dir, threads=args.threads, variant="int8")
+        r = args.repeats
+        enc = {"torch": best_time(lambda: model.encode(enc_texts, batch_size=64), r),
+               "ort": best_time(lambda: ort32.encode(enc_texts, batch_size=64), r),
+               "ort_int8": best_time(lambda: ort8.encode(enc_texts, batch_size=64), r)}
+        vecs = model.encode(dec_texts)
+        dr = max(1, r - 1)
+        dec = {"torch": best_time(lambda: model.decode(vecs, beam_size=4), dr),
+               "ort": best_time(lambda: ort32.decode(vecs, beam_size=4), dr),
+               "ort_int8": best_time(lambda: ort8.decode(vecs, beam_size=4), dr)}
+        same = ort32.decode(vecs, beam_size=4) == model.decode(vecs, beam_size=4)
+        rows = np.resize(np.arange(len(vecs)), args.step_rows)  # items x beams rows, as in a beam search
+        steps = step_bench(model, ort32, np.ascontiguousarray(vecs[rows]), args.lengths, r)
+    cfg = model.config
+    return {
+        "command": "python scripts/bench_export.py " + " ".join(args.argv),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "threads": args.threads,
+        "model": {"source": args.checkpoint or f"preset {args.preset} (decoder random-initialised)",
+                  "backbone": cfg.encoder.model_name, "sentence_dim": cfg.encoder.sentence_dim,
+                  "decoder": f"{cfg.decoder.kind} d_model {cfg.decoder.d_model} x {cfg.decoder.n_layers} layers",
+                  "max_length": cfg.encoder.max_length, "vocab": len(model.tokenizer)},
+        "encode": {"n": len(enc_texts), "batch_size": 64, **{f"{k}_per_s": len(enc_texts) / v for k, v in enc.items()},
+                   "ort_speedup": enc["torch"] / enc["ort"], "ort_int8_speedup": enc["torch"] / enc["ort_int8"]},
+        "decode_beam4": {"n": len(dec_texts), **{f"{k}_per_s": len(dec_texts) / v for k, v in dec.items()},
+                         "ort_speedup": dec["torch"] / dec["ort"], "ort_int8_speedup": dec["torch"] / dec["ort_int8"],
+                         "ort_texts_equal_torch": same},
+        "steps": steps,
+    }
+
+
+def to_markdown(res: dict) -> str:
+    m, e, d = res["machine"], res["encode"], res["decode_beam4"]
+    lines = [
+        "# Export benchmark: PyTorch eager vs ONNX Runtime (one run, same machine)", "",
+        f"- command: `{res['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores (shared with other jobs: 1-min load {m['load_avg_1m_at_end']:.1f} "
+        f"at the end); Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
+        f"{res['threads']} thread(s) for torch and ORT",
+        f"- model: {res['model']['source']}: {res['model']['backbone']} -> S={res['model']['sentence_dim']}, "
+        f"{res['model']['decoder']}, vocab {res['model']['vocab']}, max_length {res['model']['max_length']}",
+        "- timings: best of repeats after a warm-up; ratios are within this run", "",
+        "| task | PyTorch eager | ORT fp32 | ORT int8 | ORT / eager | ORT int8 / eager |", "|---|---|---|---|---|---|",
+        f"| encode, sentences/s ({e['n']} headlines, batch {e['batch_size']}) | {e['torch_per_s']:.1f} | "
+        f"{e['ort_per_s']:.1f} | {e['ort_int8_per_s']:.1f} | x{e['ort_speedup']:.2f} | x{e['ort_int8_speedup']:.2f} |",
+        f"| decode beam 4, headlines/s ({d['n']} headlines) | {d['torch_per_s']:.2f} | {d['ort_per_s']:.2f} | "
+        f"{d['ort_int8_per_s']:.2f} | x{d['ort_speedup']:.2f} | x{d['ort_int8_speedup']:.2f} |", "",
+        f"ORT fp32 beam-4 texts identical to PyTorch's: {d['ort_texts_equal_torch']}.", "",
+        f"## KV-cached step decoding vs full recompute (greedy, exactly L tokens, {res['steps'][0]['rows']} rows)", "",
+        "| L | torch cached (s) | torch recompute (s) | cached speed-up | ORT cached (s) | ORT cached vs recompute |",
+        "|---|---|---|---|---|---|"]
+    for s in res["steps"]:
+        lines.append(f"| {s['length']} | {s['torch_cached_s']:.3f} | {s['torch_recompute_s']:.3f} | "
+                     f"x{s['cached_speedup']:.1f} | {s['ort_cached_s']:.3f} | x{s['ort_cached_speedup']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: --preset, random decoder)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--data", default=None, help="headlines (default: $INVEMB_DATA)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and ORT threads (1: on a shared machine torch's OpenMP threads spin-wait badly)")
+    ap.add_argument("--encode-n", type=int, default=256)
+    ap.add_argument("--decode-n", type=int, default=16)
+    ap.add_argument("--step-rows", type=int, default=64, help="rows of the step benchmark (16 items x 4 beams)")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 24, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="results/bench_export")
+    args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    from invemb.errors import InvembError
+    try:
+        res = run(args)
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(res)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
