@@ -6,7 +6,7 @@
    past lengths from 0-1 up to max_length), ONNX Runtime vs the same torch computation, within the tolerance
    stated in export/specs.py (and the manifest).
 2. Beam search parity: N real validation headlines through the full ORT pipeline (OnnxEmbedder: ORT encoder +
-   the core beam search over OrtStepper) and through the ORT decoder from torch vectors must give exactly the
+   the core beam search over the ORT GraphStepper) and through the ORT decoder from torch vectors must give exactly the
    texts InvertibleEmbedder.decode gives. Prints a table; exit 1 on any failure, 2 on bad input.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import numpy as np
 
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, reorder_rows
+from invemb.text import check_vectors as _check_vectors
 from invemb.ort import cache_feed_name, read_manifest  # noqa: F401 (read_manifest re-exported for servers)
 
 Runner = Callable[[str, dict, list], dict]  # (graph name, feeds {name: np.ndarray}, output names) -> outputs
@@ -58,20 +59,8 @@ def generation_config(manifest: dict, beam_size: int = 4, max_length: int | None
 
 
 def check_vectors(manifest: dict, vectors) -> np.ndarray:
-    """float32 [N,S] with S = manifest sentence_dim and finite values, else InvembError (as the core's)."""
-    s = int(manifest["sentence_dim"])
-    try:
-        v = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise InvembError(f"vectors are not numeric: {e}") from None
-    if v.ndim == 1:
-        v = v[None]
-    if v.ndim != 2 or v.shape[1] != s or v.shape[0] == 0:
-        raise InvembError(f"vectors must have shape [N, {s}] with N >= 1, got {list(np.shape(vectors))}")
-    bad = np.flatnonzero(~np.isfinite(v).all(1))
-    if bad.size:
-        raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
-    return v
+    """float32 [N,S] with S = manifest sentence_dim and finite values, else InvembError (the core's check)."""
+    return _check_vectors(vectors, int(manifest["sentence_dim"]))
 
 
 class GraphStepper:

@@ -26,7 +26,7 @@ from invemb.decoders import build_decoder
 from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, generate, log_softmax, reorder_rows
-from invemb.text import detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401 (re-exported)
+from invemb.text import check_vectors, detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401 (re-exported)
 
 log = logging.getLogger("invemb")
 FORMAT_VERSION = 1
@@ -118,15 +118,7 @@ class InvertibleEmbedder(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, self.sentence_dim), np.float32)
 
     def check_vectors(self, vectors) -> np.ndarray:
-        v = np.asarray(vectors, dtype=np.float32)
-        if v.ndim == 1:
-            v = v[None]
-        if v.ndim != 2 or v.shape[1] != self.sentence_dim:
-            raise InvembError(f"vectors must have shape [N, {self.sentence_dim}], got {list(np.shape(vectors))}")
-        bad = np.flatnonzero(~np.isfinite(v).all(1))
-        if bad.size:
-            raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
-        return v
+        return check_vectors(vectors, self.sentence_dim)
 
     def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
         return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,

@@ -1,5 +1,5 @@
-"""ONNX Runtime backend: a generation Stepper over decoder_init/decoder_step, and `OnnxEmbedder` (text <-> vector
-from an export folder made by export/to_onnx.py, reading only manifest.json, the graphs and tokenizer/).
+"""ONNX Runtime backend: `OnnxEmbedder` (text <-> vector from an export folder made by export/to_onnx.py, reading
+only manifest.json, the graphs and tokenizer/); its decoder Stepper is the shared invemb.graph_stepper.GraphStepper.
 
     emb = OnnxEmbedder("onnx/small")            # or OnnxEmbedder("onnx/small", variant="int8")
     vecs = emb.encode(["Oil prices fall as OPEC output rises"])   # float32 [1,S]
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from invemb.errors import InvembError
-from invemb.generation import GenerationConfig, generate, reorder_rows
+from invemb.generation import GenerationConfig, generate
 
 MANIFEST_VERSION = 1
 DEFAULT_THREADS = 2
@@ -72,46 +72,6 @@ def cache_feed_name(output_name: str, step_inputs: Sequence[str]) -> str | None:
     return None
 
 
-class OrtStepper:
-    """The generation Stepper (invemb.generation) over ONNX Runtime sessions of decoder_init / decoder_step.
-
-    The cache is a dict of numpy arrays named like decoder_step's inputs (cross_*, past_* or hidden/context),
-    batch on axis 0; `start` runs decoder_init once per item and repeats rows for the beams.
-    """
-
-    def __init__(self, init_session, step_session, vectors: np.ndarray):
-        self.init, self.sess = init_session, step_session
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [B,S]
-        self.batch_size = self.vectors.shape[0]
-        self.step_inputs = [i.name for i in step_session.get_inputs()]
-        self.init_outputs = [o.name for o in init_session.get_outputs()]
-        self.step_outputs = [o.name for o in step_session.get_outputs()]
-        self._feed = {n: cache_feed_name(n, self.step_inputs) for n in self.init_outputs + self.step_outputs}
-        missing = set(self.step_inputs) - {"input_ids"} - {v for v in self._feed.values() if v}
-        if self.init_outputs[0] != "log_probs" or missing:
-            raise InvembError(f"decoder_init/decoder_step graphs do not fit together (unfed inputs {sorted(missing)})")
-
-    def _cache(self, names: list[str], arrays: list[np.ndarray], cache: dict | None = None) -> dict:
-        new = dict(cache or {})
-        for n, a in zip(names, arrays):
-            if self._feed.get(n):
-                new[self._feed[n]] = a
-        return new
-
-    def start(self, num_beams: int):
-        outs = self.init.run(None, {"sentence_embedding": self.vectors})  # log_probs [B,V], cache [B,...]
-        rows = np.repeat(np.arange(self.batch_size), num_beams)  # [B*beams]
-        return outs[0][rows], reorder_rows(self._cache(self.init_outputs[1:], outs[1:]), rows)
-
-    def step(self, tokens: np.ndarray, cache: dict):
-        feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), **cache}  # input_ids [N,1]
-        outs = self.sess.run(None, feeds)
-        return outs[0], self._cache(self.step_outputs[1:], outs[1:], cache)
-
-    def reorder(self, cache: dict, rows: np.ndarray) -> dict:
-        return reorder_rows(cache, np.asarray(rows, dtype=np.int64))
-
-
 class OnnxEmbedder:
     """Text <-> vector with ONNX Runtime from an export folder; same tokenization, search and detokenization as
     InvertibleEmbedder (so the texts are identical to the torch model's up to fp32 rounding)."""
@@ -155,22 +115,21 @@ class OnnxEmbedder:
 
     # ----------------------------------------------------------------------------------------------- vectors
     def check_vectors(self, vectors) -> np.ndarray:
-        v = np.asarray(vectors, dtype=np.float32)
-        if v.ndim == 1:
-            v = v[None]
-        if v.ndim != 2 or v.shape[1] != self.sentence_dim:
-            raise InvembError(f"vectors must have shape [N, {self.sentence_dim}], got {list(np.shape(vectors))}")
-        bad = np.flatnonzero(~np.isfinite(v).all(1))
-        if bad.size:
-            raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
-        return v
+        from invemb.text import check_vectors
+        return check_vectors(vectors, self.sentence_dim)
 
     def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
         return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,
                                 max_length=max_length or self.max_length - 1, **kw)
 
-    def stepper(self, vectors: np.ndarray) -> OrtStepper:
-        return OrtStepper(self.sessions["decoder_init"], self.sessions["decoder_step"], vectors)
+    def run_graph(self, graph: str, feeds: dict, output_names: list) -> dict:
+        """GraphStepper runner: one exported graph run by ONNX Runtime."""
+        return dict(zip(output_names, self.sessions[graph].run(output_names, feeds)))
+
+    def stepper(self, vectors: np.ndarray):
+        """The Stepper over decoder_init/decoder_step: the same GraphStepper Triton BLS and the gRPC client use."""
+        from invemb.graph_stepper import GraphStepper
+        return GraphStepper(self.run_graph, self.manifest, vectors)
 
     def decode_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
         v = self.check_vectors(vectors)

@@ -1,4 +1,5 @@
-"""Tokenization and detokenization shared by every backend (torch model, ONNX Runtime, Triton, clients).
+"""Input handling shared by every backend (torch model, ONNX Runtime, Triton, clients): tokenization and
+detokenization of texts, and the check of sentence vectors.
 
 Imports no torch: `tokenize_texts(..., return_tensors="np")` serves torch-free callers, "pt" the torch model.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 import logging
 import re
 from typing import Sequence
+
+import numpy as np
 
 from invemb.errors import InvembError
 
@@ -54,3 +57,19 @@ def detokenize_spacing(text: str) -> str:
 def detokenize_ids(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
     """Token ids -> readable text: special tokens dropped, WordPiece spacing around punctuation undone."""
     return [detokenize_spacing(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def check_vectors(vectors, sentence_dim: int) -> np.ndarray:
+    """float32 [N,S] with S = sentence_dim, N >= 1 and finite values, else an InvembError naming the problem."""
+    try:
+        v = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvembError(f"vectors are not numeric: {e}") from None
+    if v.ndim == 1:
+        v = v[None]
+    if v.ndim != 2 or v.shape[1] != sentence_dim or v.shape[0] == 0:
+        raise InvembError(f"vectors must have shape [N, {sentence_dim}] with N >= 1, got {list(np.shape(vectors))}")
+    bad = np.flatnonzero(~np.isfinite(v).all(1))
+    if bad.size:
+        raise InvembError(f"vector(s) at row(s) {bad[:10].tolist()} contain NaN or Inf")
+    return v
