@@ -65,7 +65,7 @@ class RunLogger:
             self.tb.close()
 
 
-def make_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
+def make_plots(metrics_path: Path, out_dir: Path, scorer: str = "") -> list[Path]:
     """The report's curves, train vs validation, one PNG each (skipped when a curve has no points)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -86,7 +86,7 @@ def make_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
         ax.set_xlabel("optimizer step")
-        ax.set_title(title)
+        ax.set_title(f"{title}, {scorer}" if scorer and fname == "bertscore.png" else title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

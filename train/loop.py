@@ -271,7 +271,7 @@ class Trainer:
             final = model.save_pretrained(self.out / "final")
             model = InvertibleEmbedder.from_pretrained(final, device=self.device)
             examples_table(model, self.val_texts[:N_EXAMPLES], self.out / "examples.md")
-            plots = make_plots(self.out / "metrics.jsonl", self.out / "plots")
+            plots = make_plots(self.out / "metrics.jsonl", self.out / "plots", self.cfg.bertscore_model)
             vals = [r for r in read_metrics(self.out / "metrics.jsonl") if r["kind"] == "val"]
             summary = {"final_val": vals[-1] if vals else None, "steps": self.step,
                        "wall_s_this_process": time.time() - self.t_start,

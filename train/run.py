@@ -19,6 +19,7 @@ plots/*.png, examples.md and summary.json. Bad input fails with one line (exit 2
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out or f"runs/{Path(args.config).stem}")
         ds_config = load_ds_config(cfg, world) if cfg.deepspeed_config else None
+        if ds_config is not None and importlib.util.find_spec("deepspeed") is None:
+            raise InvembError("deepspeed_config is set but deepspeed is not installed (pip install 'invemb[train]'); "
+                              "or run plain PyTorch with deepspeed_config=")
         if world > 1 and ds_config is None:
             raise InvembError(f"{world} processes need a deepspeed_config (plain PyTorch mode is one process)")
         if cfg.batch_size % world:
