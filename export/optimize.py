@@ -6,7 +6,7 @@
 Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, variant=NAME)):
   opt   encoder.opt.onnx: ORT transformer fusions (onnxruntime.transformers.optimizer; a dynamo export gets
         SkipLayerNorm/BiasGelu/LayerNorm fusions, not Attention); decoders unchanged.
-  int8  dynamic int8 (onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights, per-tensor) of the
+  int8  dynamic int8 (onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights, per-channel) of the
         optimised encoder and of the decoder graphs (constant Transposes of weights folded first, so the tied
         output projection is quantised too). CPU.
   fp16  fp16 weights/compute with fp32 inputs/outputs (keep_io_types), for a GPU; no speed-up on a CPU.
@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         onnx.save(model, str(tmp))
         root.setLevel(logging.ERROR)  # quantize_dynamic advises shape-inference pre-processing on every call
-        quantize_dynamic(str(tmp), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(str(tmp), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True)  # per-tensor: encoder cosine 0.944 (min) vs 0.989 per-channel
     finally:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beam-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (same for every variant)")
     ap.add_argument("--report", default=None, help="also write the table here (.md, plus .json beside it)")
+    ap.add_argument("--note", default="", help="a line about the model, written under the table's header")
     ap.add_argument("--triton-repo", default=None, help="place one variant's graphs in this Triton repository")
     ap.add_argument("--place", default="int8", help="the variant --triton-repo places (default: int8)")
     args = ap.parse_args(argv)
@@ -209,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = "python export/optimize.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python export/optimize.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    src = read_manifest(args.onnx).get("source", {})
     table = format_table(rows, f"{len(texts)} validation headlines, beam {args.beam_size}, {args.threads} ORT "
-                               f"thread(s); speed-ups vs fp32 measured in this run. Command: `{cmd}`\n")
+                               f"thread(s); speed-ups vs fp32 measured in this run. Command: `{cmd}`\n\n"
+                               f"Model: {src.get('checkpoint', '?')} ({src.get('backbone', '?')}). {args.note}\n")
     print(table)
     if args.report:
         rep = Path(args.report)

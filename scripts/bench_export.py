@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -120,7 +121,7 @@ def run(args) -> dict:
         steps = step_bench(model, ort32, np.ascontiguousarray(vecs[rows]), args.lengths, r)
     cfg = model.config
     return {
-        "command": "python scripts/bench_export.py " + " ".join(args.argv),
+        "command": "python scripts/bench_export.py " + shlex.join(args.argv),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
