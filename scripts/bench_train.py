@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -104,7 +105,11 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
         cmd = [sys.executable, str(REPO / "train/run.py")]
         over.append("deepspeed_config=")  # the report recipes name zero2.json
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(a.ranks), str(REPO / "train/run.py")]
+        with socket.socket() as sock:  # not the launcher's default 29500: other jobs may hold it
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(a.ranks), "--master_port", str(port),
+               str(REPO / "train/run.py")]
         over.append(f"deepspeed_config={REPO / 'train/ds_config/zero2.json'}")
         if a.ranks > 1 and not a.gpu:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.ranks))

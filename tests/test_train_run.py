@@ -111,6 +111,7 @@ def test_resume_refuses_an_incompatible_checkpoint(capsys, uninterrupted, data, 
     base = ["--config", TOY, "--data", data, "--out", out, *FAST]
     _fails(capsys, base + ["--resume", "model.decoder.n_layers=1"], "different model config (decoder.n_layers: 2 -> 1)")
     _fails(capsys, base + ["--resume", "batch_size=4"], "batch_size was 8, now 4")
+    _fails(capsys, base + ["--resume", "deepspeed_config=train/ds_config/zero2.json"], "engine was 'plain'")
     _fails(capsys, base, "already holds checkpoints")
     assert (out / "metrics.jsonl").read_text() == before
 

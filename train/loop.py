@@ -253,7 +253,7 @@ class Trainer:
         tag = f"step_{self.step:08d}"
         state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.world,
                  "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
-                 "engine": "deepspeed" if self.ds_config is not None else "plain"}
+                 "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage}
         self.eng.save(self.ckpt_dir, tag, state)
         if self.main:
             prune(self.ckpt_dir, KEEP_CHECKPOINTS, tag)

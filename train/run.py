@@ -7,6 +7,7 @@
     # DeepSpeed, 2 ranks (GPUs, or gloo CPU ranks on a machine without one), ZeRO-2 (bf16 where supported):
     deepspeed --num_gpus 2 train/run.py --config train/configs/toy.yaml deepspeed_config=train/ds_config/zero2.json
     deepspeed --num_gpus 8 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768
+    # (port 29500 taken by another job? add --master_port 29511 after --num_gpus)
     # continue a killed run from its latest checkpoint (same data order, same world size):
     deepspeed --num_gpus 2 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768 --resume
     # overrides: key=value (YAML values), model.<encoder|decoder>.<key>=value for the model
@@ -68,7 +69,7 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int):
+def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: int):
     """Validate the run folder against the request; returns (tag, state) to resume from, or None."""
     from train.engine import read_state
     found = read_state(out / "checkpoints")
@@ -87,7 +88,8 @@ def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int):
         raise InvembError(f"cannot resume {out}: its checkpoint has a different model config ({detail})")
     state = found[1]
     for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum),
-                     ("seed", cfg.seed), ("engine", "deepspeed" if cfg.deepspeed_config else "plain")):
+                     ("seed", cfg.seed), ("engine", "deepspeed" if cfg.deepspeed_config else "plain"),
+                     ("zero_stage", stage)):
         if state.get(key) != now:
             raise InvembError(f"cannot resume {out}: {key} was {state.get(key)!r}, now {now!r} (the data order and "
                               "ZeRO shards depend on it; start a new --out or consolidate the weights first)")
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
             paraphrases = load_paraphrases(resolve_path(cfg.paraphrase_file))
             if not any(t in paraphrases for t in train):
                 raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
-        resume = check_resume(out, args.resume, cfg, world)
+        stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
+        resume = check_resume(out, args.resume, cfg, world, stage)
     except InvembError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
