@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/pipeline", help="run folder")
     ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"))
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU: gloo); 1 = plain PyTorch")
-    ap.add_argument("--eval-limit", type=int, default=500, help="validation headlines to evaluate")
+    ap.add_argument("--eval-limit", type=int, default=200, help="validation headlines to evaluate")
     ap.add_argument("--n-roundtrip", type=int, default=10, help="headlines sent through Triton")
     ap.add_argument("--resume", action="store_true", help="skip stages that already finished")
     ap.add_argument("override", nargs="*", help="training recipe overrides key=value (e.g. max_steps=100)")
