@@ -55,10 +55,19 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
         raise StageError(f"exit code {rc}; last lines of {log}:\n{tail}")
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stage_train(a, out: Path) -> None:
-    cmd = [BIN / "deepspeed", "--num_gpus", str(a.ranks), REPO / "train/run.py"] if a.ranks > 1 else \
-        [sys.executable, REPO / "train/run.py"]
+    cmd = [BIN / "deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(_free_port()),
+           REPO / "train/run.py"] if a.ranks > 1 else [sys.executable, REPO / "train/run.py"]
     cmd += ["--config", a.config, "--data", a.data, "--out", out / "train"]
+    if (out / "train/checkpoints").is_dir() and any((out / "train/checkpoints").iterdir()):
+        cmd.append("--resume")  # an interrupted training stage continues from its latest checkpoint
     if a.ranks > 1:
         cmd.append(f"deepspeed_config={REPO / 'train/ds_config/zero2.json'}")
     cmd += a.override
@@ -129,7 +138,8 @@ def run_pipeline(a) -> None:
         if a.resume and done.is_file():
             print(f"[{i}/{len(STAGES)}] {stage}: already done (--resume), skipped", flush=True)
             continue
-        done.unlink(missing_ok=True)
+        for later in STAGES[i - 1:]:  # this stage's outputs change: later stages must run again
+            (out / f"{later}.done").unlink(missing_ok=True)
         print(f"[{i}/{len(STAGES)}] {stage}: running (log: {out / 'logs' / (stage + '.log')})", flush=True)
         t0 = time.time()
         try:
