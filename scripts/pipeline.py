@@ -78,7 +78,8 @@ def stage_train(a, out: Path) -> None:
 
 def stage_evaluate(a, out: Path) -> None:
     cmd = [sys.executable, "-m", "invemb.cli", "evaluate", "--checkpoint", out / "train/final", "--data", a.data,
-           "--limit", str(a.eval_limit), "--beam-sizes", "1,4", "--output", out / "eval/metrics.json"]
+           "--limit", str(a.eval_limit), "--beam-sizes", "1,4", "--scorer", a.scorer,
+           "--output", out / "eval/metrics.json"]
     _run(cmd, out / "logs/evaluate.log")
 
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"))
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU: gloo); 1 = plain PyTorch")
     ap.add_argument("--eval-limit", type=int, default=200, help="validation headlines to evaluate")
+    ap.add_argument("--scorer", default="all-mpnet-base-v2", help="BERTScore/paraphrase model, or 'none'")
     ap.add_argument("--n-roundtrip", type=int, default=10, help="headlines sent through Triton")
     ap.add_argument("--resume", action="store_true", help="skip stages that already finished")
     ap.add_argument("override", nargs="*", help="training recipe overrides key=value (e.g. max_steps=100)")

@@ -1,0 +1,33 @@
+"""The main job end to end on the toy recipe: train -> evaluate -> export -> real Triton -> roundtrip, --resume."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+PIPE = [sys.executable, str(REPO / "scripts/pipeline.py")]
+
+
+def test_pipeline_toy_end_to_end_and_resume(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(out), "--config", str(REPO / "train/configs/toy.yaml"),
+            "--ranks", "1", "--eval-limit", "8", "--n-roundtrip", "3", "--scorer", "none", "max_steps=4"]
+    r = subprocess.run(PIPE + args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("train", "evaluate", "export", "serve"):
+        assert (out / f"{stage}.done").is_file(), stage
+        assert f"{stage}: done in" in r.stdout
+    rows = json.loads((out / "serve/roundtrip.json").read_text())
+    assert len(rows) == 3 and all(isinstance(x["roundtrip"], str) for x in rows)
+    assert "Round trip through Triton" in (out / "summary.md").read_text()
+    assert json.loads((out / "eval/metrics.json").read_text())["n"] == 8
+    r2 = subprocess.run(PIPE + args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and r2.stdout.count("already done (--resume), skipped") == 4
+
+
+def test_pipeline_bad_data_path_is_one_line(tmp_path):
+    r = subprocess.run(PIPE + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("invemb: error: data path") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
