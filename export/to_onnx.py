@@ -1,6 +1,7 @@
 """Export an invemb checkpoint to ONNX graphs + manifest.json + tokenizer: everything a server needs.
 
     python export/to_onnx.py --checkpoint runs/small/final --out onnx/small [--triton-repo model_repository]
+    python export/to_onnx.py --triton-repo model_repository     # the shipped model -> onnx/shipped + the repository
 
 Graphs (names, shapes, tolerances: export/specs.py): encoder.onnx, and for a transformer/GRU decoder
 decoder_init.onnx + decoder_step.onnx (KV cache in/out), for a one-pass decoder decoder_onepass.onnx.
@@ -286,12 +287,16 @@ def quiet_exporter():
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="invemb checkpoint folder (config.json, model.safetensors)")
-    ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    ap.add_argument("--checkpoint", default=None, help="invemb checkpoint folder (config.json, model.safetensors); "
+                    "default: the shipped model (models/ of the checkout or $INVEMB_MODEL)")
+    ap.add_argument("--out", default="onnx/shipped", help="output folder (replaced atomically; default onnx/shipped)")
     ap.add_argument("--triton-repo", default=None, help="also place the files in this Triton model repository")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     args = ap.parse_args(argv)
     try:
+        if args.checkpoint is None:
+            from invemb.shipped import default_model_path
+            args.checkpoint = str(default_model_path())
         with quiet_exporter():
             manifest = export_checkpoint(args.checkpoint, args.out, args.opset, args.triton_repo)
     except InvembError as e:

@@ -1,9 +1,9 @@
 """`invemb` command line.
 
-    invemb roundtrip --checkpoint runs/small/final "Oil prices fall as OPEC output rises"
-    invemb encode    --checkpoint DIR --input headlines.txt --output vectors.npy
-    invemb decode    --checkpoint DIR --input vectors.npy [--output texts.txt] [--beam-size 4]
-    invemb evaluate  --checkpoint DIR [--data PATH] [--limit 500] [--output metrics.json]
+    invemb roundtrip "Oil prices fall as OPEC output rises"          # the shipped model (models/)
+    invemb encode    [--checkpoint DIR] --input headlines.txt --output vectors.npy
+    invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4]
+    invemb evaluate  [--checkpoint DIR] [--data PATH] [--limit 500] [--output metrics.json]
     invemb pipeline  [--data PATH] [--out runs/pipeline]      # train -> evaluate -> export -> serve -> roundtrip
 
 Bad input (missing files, empty texts, wrong vector width, NaN/Inf, unknown model) prints one line
@@ -97,7 +97,8 @@ def cmd_evaluate(args) -> None:
     beams = tuple(int(b) for b in args.beam_sizes.split(","))
     result = evaluate(model, texts, beams, batch_size=args.batch_size,
                       scorer=None if args.scorer == "none" else args.scorer, noise_sigma=args.noise, progress=True)
-    result.update(checkpoint=str(args.checkpoint), split=args.split)
+    result.update(checkpoint=str(args.checkpoint or "shipped"), split=args.split)
+    result.pop("_hyps", None)
     if args.output:
         atomic_write(args.output, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
     print(format_table(result))
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, checkpoint=True):
         if checkpoint:
-            sp.add_argument("--checkpoint", required=True, help="folder written by save_pretrained / training")
+            sp.add_argument("--checkpoint", default=None,
+                            help="folder written by save_pretrained / training (default: the shipped model, "
+                                 "models/ of the checkout or $INVEMB_MODEL)")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--batch-size", type=int, default=64)
         return sp

@@ -12,14 +12,16 @@ from typing import Any
 
 from invemb.errors import InvembError
 
-POOLINGS = ("attention", "cls", "mean")
+POOLINGS = ("attention", "cls", "mean", "multiquery")
+MEMORY_MODES = ("linear", "chunks")
 DECODERS = ("transformer", "onepass", "gru")
 
 
 @dataclass
 class EncoderConfig:
     model_name: str = "all-MiniLM-L6-v2"  # alias, local folder or hub name (e.g. "finbert" -> ProsusAI/finbert)
-    pooling: str = "attention"  # attention | cls | mean
+    pooling: str = "attention"  # attention (the report's single query) | multiquery | cls | mean
+    pool_queries: int = 16  # Q of multiquery pooling: Q queries, each pooled state projected to S/Q dims
     sentence_dim: int = 768  # S, the width of the sentence vector
     freeze_backbone: bool = False
     max_length: int = 48  # tokens including [CLS]/[SEP]; longer texts are truncated with a warning
@@ -37,6 +39,8 @@ class DecoderConfig:
     dropout: float = 0.1
     memory_slots: int = 4  # k vectors the sentence vector is mapped to (k=1 reproduces the report)
     tie_embeddings: bool = True
+    memory_mode: str = "linear"  # linear: Linear(S, k*d) | chunks: the vector's k chunks of S/k dims, one per slot
+    output_vocab: int = 0  # 0: the tokenizer's vocabulary; N: a compact vocabulary of N pieces (map in the weights)
 
 
 @dataclass
@@ -54,6 +58,13 @@ class ModelConfig:
             raise InvembError(f"decoder.d_model ({d.d_model}) must be divisible by n_heads ({d.n_heads})")
         if e.sentence_dim < 1 or d.memory_slots < 1 or e.max_length < 3:
             raise InvembError("sentence_dim and memory_slots must be >= 1 and max_length >= 3")
+        if d.memory_mode not in MEMORY_MODES:
+            raise InvembError(f"decoder.memory_mode must be one of {MEMORY_MODES}, got {d.memory_mode!r}")
+        if d.memory_mode == "chunks" and e.sentence_dim % d.memory_slots:
+            raise InvembError(f"memory_mode chunks: sentence_dim ({e.sentence_dim}) must be a multiple of "
+                              f"memory_slots ({d.memory_slots})")
+        if d.output_vocab and d.kind != "transformer":
+            raise InvembError("a compact output vocabulary (decoder.output_vocab) needs decoder.kind transformer")
         return self
 
     def to_dict(self) -> dict:
@@ -69,7 +80,8 @@ class ModelConfig:
 class TrainConfig:
     preset: str = "small"
     epochs: int = 1
-    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps (the cosine horizon)
+    max_minutes: float = 0.0  # > 0: also stop (validate, save, finish) after this many minutes in this process
     batch_size: int = 128  # global batch (all ranks, before gradient accumulation)
     grad_accum: int = 1
     lr: float = 1e-4
@@ -91,8 +103,18 @@ class TrainConfig:
     sim_model: str = "all-MiniLM-L6-v2"  # paraphrase model of the similarity loss (must share the decoder vocab)
     paraphrase_file: str = ""  # JSONL {text, paraphrases}: enables the min-over-paraphrases loss
     bertscore_subset: int = 0  # val headlines scored with BERTScore at each validation (0: off)
+    decode_subset: int = 0  # val headlines greedy-decoded at each validation: val_exact / val_bleu (0: off)
     bertscore_model: str = "all-mpnet-base-v2"  # scorer of invemb.metrics.bertscore_f1 (all-MiniLM-L6-v2: faster)
     deepspeed_config: str = ""  # path to a DeepSpeed JSON (train/ds_config/zero2.json); empty: plain PyTorch
+    feature_cache: str = ""  # folder of the frozen backbone's cached token states (invemb.training.features); "": off
+    bucket_batches: bool = False  # length-bucketed batches (rows of similar length together: less padding)
+    sampled_softmax: int = 0  # > 0: training softmax over the batch's targets + this many random pieces (0: full)
+    train_acc_rows: int = 0  # rows of each batch whose top-1/top-5 are logged (0: all; topk costs ~9% of a step)
+    compact_vocab: bool = False  # decoder predicts only the training split's pieces (+ single characters)
+    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau on val top-1) | cosine (warm-up, cosine to min_lr)
+    warmup_steps: int = 0  # linear warm-up of the cosine schedule
+    init_from: str = ""  # start from the weights of a model folder (e.g. the shipped model), fresh optimizer
+    holdout_newest_days: int = 0  # leave the newest N days of headlines (Time column) out of training
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
@@ -113,6 +135,10 @@ class TrainConfig:
         cfg.model = ModelConfig.from_dict(merged)
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise InvembError("batch_size and grad_accum must be >= 1")
+        if cfg.lr_schedule not in ("plateau", "cosine"):
+            raise InvembError(f"lr_schedule must be plateau or cosine, got {cfg.lr_schedule!r}")
+        if cfg.feature_cache and not cfg.model.encoder.freeze_backbone:
+            raise InvembError("feature_cache needs model.encoder.freeze_backbone: true (a trained backbone changes)")
         return cfg
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import os
 import random
@@ -28,6 +29,35 @@ _WS = re.compile(r"\s+")
 class Record:
     text: str
     source: str  # file stem, e.g. "cnbc_headlines"
+    date: datetime.date | None = None  # from a 'Time'/'date' column when the file has one
+
+
+TIME_COLUMNS = ("time", "date", "published")
+_MONTHS = {m: i + 1 for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                                           "nov", "dec"))}
+_DATE_PATTERNS = (  # the three sources' formats: "7:51  PM ET Fri, 17 July 2020", "18-Jul-20", "Jul 18 2020"
+    (re.compile(r"(\d{1,2}) ([A-Za-z]{3})[a-z]* (\d{4})\s*$"), ("d", "m", "Y")),
+    (re.compile(r"^(\d{1,2})-([A-Za-z]{3})-(\d{2})$"), ("d", "m", "y")),
+    (re.compile(r"^([A-Za-z]{3}) (\d{1,2}) (\d{4})$"), ("m", "d", "Y")),
+    (re.compile(r"^(\d{4})-(\d{2})-(\d{2})"), ("Y", "n", "d")),
+)
+
+
+def parse_date(value: str) -> datetime.date | None:
+    """A headline's date from the data set's Time formats (or ISO); None when it cannot be read."""
+    value = " ".join(value.split())
+    for pattern, order in _DATE_PATTERNS:
+        m = pattern.search(value)
+        if not m:
+            continue
+        parts = dict(zip(order, m.groups()))
+        month = _MONTHS.get(parts["m"].lower()) if "m" in parts else int(parts["n"])
+        year = int(parts["Y"]) if "Y" in parts else 2000 + int(parts["y"])
+        try:
+            return datetime.date(year, month, int(parts["d"])) if month else None
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass
@@ -71,10 +101,14 @@ def read_file(path: Path) -> list[Record]:
         col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
         if col is None:
             raise InvembError(f"{path} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
-        rows = (r[col] if col < len(r) else "" for r in reader)
-    else:
-        rows = text.splitlines()
-    return [Record(t, path.stem) for t in map(normalize, rows) if t]
+        tcol = next((lower.index(c) for c in TIME_COLUMNS if c in lower), None)
+        out = []
+        for r in reader:
+            t = normalize(r[col]) if col < len(r) else ""
+            if t:
+                out.append(Record(t, path.stem, parse_date(r[tcol]) if tcol is not None and tcol < len(r) else None))
+        return out
+    return [Record(t, path.stem) for t in map(normalize, text.splitlines()) if t]
 
 
 def load_headlines(path: str | os.PathLike | None = None, dedupe: bool = True) -> list[Record]:
@@ -108,6 +142,18 @@ def split_records(records: list[Record], val_fraction: float = 0.1, seed: int = 
 
 def load_split(path=None, val_fraction: float = 0.1, seed: int = 0) -> Split:
     return split_records(load_headlines(path), val_fraction, seed)
+
+
+def newest_cutoff(records: list[Record], days: int = 30) -> datetime.date | None:
+    """First day of the newest `days` days of dated records (the 'new headlines' hold-out); None if undated."""
+    dates = [r.date for r in records if r.date is not None]
+    return max(dates) - datetime.timedelta(days=days - 1) if dates else None
+
+
+def newest_records(records: list[Record], days: int = 30) -> list[Record]:
+    """Records of the newest `days` days (by their Time column): held out of training by `holdout_newest_days`."""
+    cut = newest_cutoff(records, days)
+    return [r for r in records if cut is not None and r.date is not None and r.date >= cut]
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

@@ -22,17 +22,29 @@ Cache = dict[str, torch.Tensor]
 
 
 class Memory(nn.Module):
-    """Sentence vector [N,S] -> k memory slots [N,k,d]: a learned linear map + slot embeddings, LayerNorm."""
+    """Sentence vector [N,S] -> k memory slots [N,k,d], + slot embeddings, LayerNorm.
 
-    def __init__(self, sentence_dim: int, d_model: int, slots: int):
+    mode "linear": one Linear(S, k*d) over the whole vector. mode "chunks": the vector is k chunks of S/k dims (what
+    multi-query pooling makes, one chunk per query) and slot i is its own Linear(S/k, d) of chunk i."""
+
+    def __init__(self, sentence_dim: int, d_model: int, slots: int, mode: str = "linear"):
         super().__init__()
-        self.slots, self.d_model = slots, d_model
-        self.proj = nn.Linear(sentence_dim, slots * d_model)
+        self.slots, self.d_model, self.mode = slots, d_model, mode
+        if mode == "chunks":
+            self.chunk_weight = nn.Parameter(torch.randn(slots, sentence_dim // slots, d_model) * 0.02)
+            self.chunk_bias = nn.Parameter(torch.zeros(slots, d_model))
+        else:
+            self.proj = nn.Linear(sentence_dim, slots * d_model)
         self.slot_emb = nn.Parameter(torch.zeros(slots, d_model))
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(v).view(v.shape[0], self.slots, self.d_model) + self.slot_emb)
+        if self.mode == "chunks":
+            chunks = v.view(v.shape[0], self.slots, -1)  # [N,k,S/k]
+            x = torch.einsum("nkc,kcd->nkd", chunks, self.chunk_weight) + self.chunk_bias  # [N,k,d]
+        else:
+            x = self.proj(v).view(v.shape[0], self.slots, self.d_model)  # [N,k,d]
+        return self.norm(x + self.slot_emb)
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # [N,T,d] -> [N,h,T,dh]
@@ -83,21 +95,60 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """Autoregressive transformer decoder that cross-attends to k memory slots made from the vector."""
+    """Autoregressive transformer decoder that cross-attends to k memory slots made from the vector.
+
+    Compact output vocabulary (cfg.output_vocab = Vc > 0): the embedding and the output layer cover only Vc pieces
+    (those of the training split + every special and single-character piece, so any text can still be spelled).
+    Buffers `vocab_ids` [Vc] (compact -> tokenizer id) and `vocab_map` [V] (tokenizer id -> compact; pieces outside
+    the compact vocabulary -> [UNK]'s compact id) travel in the weights. The interface stays in tokenizer ids:
+    `step` takes tokenizer ids and returns logits over all V ids (pieces outside the vocabulary get NEG_LOGIT), so
+    the search, the ONNX graphs and every server are unchanged; only training (`forward` + `targets`) sees the
+    compact ids, which is where the output layer's cost is saved."""
     supports_step = True
+    NEG_LOGIT = -1e9
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int):
         super().__init__()
-        self.cfg, self.max_length = cfg, max_length
-        self.tok = nn.Embedding(vocab_size, cfg.d_model)
+        self.cfg, self.max_length, self.vocab_size = cfg, max_length, vocab_size
+        self.compact = cfg.output_vocab > 0
+        n_out = cfg.output_vocab or vocab_size
+        self.tok = nn.Embedding(n_out, cfg.d_model)
         self.pos = nn.Embedding(max_length, cfg.d_model)
-        self.memory = Memory(sentence_dim, cfg.d_model, cfg.memory_slots)
+        self.memory = Memory(sentence_dim, cfg.d_model, cfg.memory_slots, cfg.memory_mode)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, n_out, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
+        if self.compact:
+            self.register_buffer("vocab_ids", torch.arange(n_out, dtype=torch.long))
+            self.register_buffer("vocab_map", torch.zeros(vocab_size, dtype=torch.long))
+
+    def set_vocab(self, vocab_ids, unk_id: int) -> None:
+        """Fill the compact-vocabulary buffers: vocab_ids [Vc] tokenizer ids (sorted, unique, incl. unk_id)."""
+        ids = torch.as_tensor(vocab_ids, dtype=torch.long)
+        if ids.numel() != self.vocab_ids.numel():
+            raise ValueError(f"compact vocabulary has {ids.numel()} ids, the decoder was built for "
+                             f"{self.vocab_ids.numel()}")
+        unk = int((ids == unk_id).nonzero()[0, 0])
+        self.vocab_ids.copy_(ids)
+        self.vocab_map.fill_(unk)
+        self.vocab_map[ids] = torch.arange(ids.numel(), dtype=torch.long)
+
+    def targets(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids [...] -> the ids the output layer predicts (compact ids; negative ids kept as they are)."""
+        if not self.compact:
+            return ids
+        return torch.where(ids >= 0, self.vocab_map[ids.clamp(min=0)], ids)
+
+    def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        # logits [N,t,Vc] -> [N,t,V]: a gather from the compact logits + one NEG_LOGIT column for the pieces
+        # outside the compact vocabulary (vocab_ids[vocab_map[i]] != i exactly for those)
+        known = self.vocab_ids[self.vocab_map] == torch.arange(self.vocab_size, device=logits.device)  # [V]
+        index = torch.where(known, self.vocab_map, torch.full_like(self.vocab_map, logits.shape[-1]))  # [V]
+        padded = torch.cat([logits, torch.full_like(logits[..., :1], self.NEG_LOGIT)], dim=-1)  # [N,t,Vc+1]
+        return padded.index_select(-1, index)
 
     def init_cache(self, sentence_embedding: torch.Tensor) -> Cache:
         mem = self.memory(sentence_embedding)  # [N,k,d]
@@ -109,20 +160,43 @@ class TransformerDecoder(nn.Module):
             cache[f"past_key_{i}"], cache[f"past_value_{i}"] = empty, empty
         return cache
 
-    def step(self, input_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+    def step(self, input_ids: torch.Tensor, cache: Cache, full_vocab: bool | None = True
+             ) -> tuple[torch.Tensor, Cache]:
+        """input_ids [N,t] tokenizer ids -> logits [N,t,V] (full_vocab) or [N,t,Vc] (False: compact ids), or the
+        final states [N,t,d] (None); and the new cache."""
         p = cache["past_key_0"].shape[2]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device) + p  # [t]
-        x = self.drop(self.tok(input_ids) + self.pos(pos))  # [N,t,d]
+        ids = self.vocab_map[input_ids] if self.compact else input_ids
+        x = self.drop(self.tok(ids) + self.pos(pos))  # [N,t,d]
         new: Cache = {}
         for i, layer in enumerate(self.layers):
             ck, cv = cache[f"cross_key_{i}"], cache[f"cross_value_{i}"]
             x, new[f"past_key_{i}"], new[f"past_value_{i}"] = layer(
                 x, cache[f"past_key_{i}"], cache[f"past_value_{i}"], ck, cv)
             new[f"cross_key_{i}"], new[f"cross_value_{i}"] = ck, cv
-        return self.head(self.ln_f(x)), new  # logits [N,t,V]
+        if full_vocab is None:  # the final states, before the output layer (sampled softmax)
+            return self.ln_f(x), new
+        logits = self.head(self.ln_f(x))  # [N,t,Vc or V]
+        return (self._full_logits(logits) if self.compact and full_vocab else logits), new
 
     def forward(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.step(input_ids, self.init_cache(sentence_embedding))[0]
+        """Teacher forcing: logits over the decoder's own output vocabulary (compact ids; see `targets`)."""
+        return self.step(input_ids, self.init_cache(sentence_embedding), full_vocab=False)[0]
+
+    def sampled_logits(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
+                       negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing with a sampled softmax (training only): the output layer is evaluated for the batch's
+        target pieces + `negatives` pieces drawn uniformly, not for the whole vocabulary (the output layer and its
+        log-softmax are over half of a step's cost on CPU). targets [N,t] (output ids, -100 ignored) ->
+        logits [N,t,C] over the C candidates and the targets' positions among them [N,t] (-100 kept)."""
+        states = self.step(input_ids, self.init_cache(sentence_embedding), full_vocab=None)[0]  # [N,t,d]
+        n_out = self.head.weight.shape[0]
+        valid = targets >= 0
+        draws = torch.randint(0, n_out, (negatives,), device=targets.device)
+        cand = torch.unique(torch.cat([targets[valid], draws]))  # [C] sorted
+        logits = states @ self.head.weight[cand].t()  # [N,t,C]
+        pos = torch.searchsorted(cand, targets.clamp(min=0))  # [N,t]
+        return logits, torch.where(valid, pos, targets)
 
 
 class GRUDecoder(nn.Module):
@@ -191,4 +265,6 @@ def _init_weights(m: nn.Module) -> None:
 def build_decoder(cfg: DecoderConfig, vocab_size: int, sentence_dim: int, max_length: int) -> nn.Module:
     decoder = DECODER_CLASSES[cfg.kind](cfg, vocab_size, sentence_dim, max_length)
     decoder.apply(_init_weights)  # GPT-style N(0, 0.02): small initial logits with tied embeddings
+    if not hasattr(decoder, "targets"):
+        decoder.targets = lambda ids: ids  # full-vocabulary decoders predict tokenizer ids
     return decoder

@@ -107,7 +107,33 @@ class MeanPooling(nn.Module):
         return (self.proj(hidden_states) * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B,S]
 
 
-POOLERS = {"attention": AttentionPooling, "cls": ClsPooling, "mean": MeanPooling}
+class MultiQueryPooling(nn.Module):
+    """Q learned queries, each a masked softmax over the tokens; query q's pooled state goes through its own
+    Linear(H, S/Q) -> GELU -> LayerNorm(S/Q); the Q chunks are concatenated to S. With `memory_mode: chunks` the
+    decoder's memory slots are exactly these Q chunks (one slot per query)."""
+
+    def __init__(self, hidden: int, sentence_dim: int, queries: int):
+        super().__init__()
+        if queries < 1 or sentence_dim % queries:
+            raise InvembError(f"sentence_dim ({sentence_dim}) must be a multiple of pool_queries ({queries})")
+        self.queries, self.chunk = queries, sentence_dim // queries
+        self.score = nn.Linear(hidden, queries)
+        self.weight = nn.Parameter(torch.empty(queries, hidden, self.chunk))
+        self.bias = nn.Parameter(torch.zeros(queries, self.chunk))
+        nn.init.normal_(self.weight, std=hidden ** -0.5)
+        self.norm = nn.LayerNorm(self.chunk)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # hidden_states [B,T,H], attention_mask [B,T] -> [B,S] (S = Q * S/Q)
+        scores = self.score(hidden_states)  # [B,T,Q]
+        scores = scores.masked_fill((attention_mask == 0).unsqueeze(-1), torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=1)  # [B,T,Q]: each query's distribution over the tokens
+        pooled = torch.einsum("btq,bth->bqh", weights, hidden_states)  # [B,Q,H]
+        chunks = torch.einsum("bqh,qhc->bqc", pooled, self.weight) + self.bias  # [B,Q,S/Q]
+        return self.norm(nn.functional.gelu(chunks)).flatten(1)  # [B,S]
+
+
+POOLERS = {"attention": AttentionPooling, "cls": ClsPooling, "mean": MeanPooling, "multiquery": MultiQueryPooling}
 
 
 class SentenceEncoder(nn.Module):
@@ -115,7 +141,9 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.pooler = POOLERS[cfg.pooling](backbone.config.hidden_size, cfg.sentence_dim)
+        hidden = backbone.config.hidden_size
+        self.pooler = (MultiQueryPooling(hidden, cfg.sentence_dim, cfg.pool_queries) if cfg.pooling == "multiquery"
+                       else POOLERS[cfg.pooling](hidden, cfg.sentence_dim))
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -125,11 +153,19 @@ class SentenceEncoder(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask [B,T] int64 -> sentence_embedding [B,S]
-        if self.cfg.freeze_backbone:
-            with torch.no_grad():
-                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        else:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.pooler(hidden, attention_mask)
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask [B,T] int64 -> the backbone's last-layer states [B,T,H]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, attention_mask [B,T] int64 -> sentence_embedding [B,S]. hidden_states [B,T,H]: the backbone's
+        # states precomputed (the feature cache of a frozen backbone), so only the pooler runs.
+        if hidden_states is None:
+            hidden_states = self.token_states(input_ids, attention_mask)
+        return self.pooler(hidden_states.to(self.pooler_dtype), attention_mask)
+
+    @property
+    def pooler_dtype(self) -> torch.dtype:
+        return next(self.pooler.parameters()).dtype

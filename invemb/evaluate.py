@@ -49,6 +49,7 @@ def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, s
         result["teacher_forced"] = teacher_forced(model, texts, batch_size)
     vectors = add_noise(model.encode(texts, batch_size, progress=progress), noise_sigma, seed)
     examples = {"reference": refs[:n_examples]}
+    result["_hyps"] = {}  # every decoded text per mode (popped before writing JSON by callers that want it small)
     for beam in beam_sizes:
         name = "greedy" if beam == 1 else f"beam{beam}"
         ids: list[list[int]] = []
@@ -58,6 +59,7 @@ def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, s
         metrics = {"token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids)}
         metrics.update(text_metrics(hyps, refs, scorer, paraphrase_model))
         result[name] = metrics
+        result["_hyps"][name] = hyps
         examples[name] = hyps[:n_examples]
     result["examples"] = [dict(zip(examples, row)) for row in zip(*examples.values())]
     return result

@@ -142,22 +142,30 @@ class Objective(nn.Module):
     """The training loss around an InvertibleEmbedder (the only registered submodule: `model`)."""
 
     def __init__(self, model: nn.Module, noise_sigma: float = 0.0, sim_loss_weight: float = 0.0,
-                 sim_loss: SentenceSimilarityLoss | None = None):
+                 sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0):
         super().__init__()
         self.model = model
+        self.sampled_negatives = sampled_negatives
         self.noise_sigma, self.sim_loss_weight = noise_sigma, sim_loss_weight
+        if sampled_negatives and sim_loss_weight > 0:
+            raise InvembError("sim_loss_weight > 0 needs the full softmax (sampled_softmax: 0)")
+        if sim_loss_weight > 0 and getattr(model.decoder, "compact", False):
+            raise InvembError("sim_loss_weight > 0 needs the full output vocabulary (decoder.output_vocab: 0)")
         if sim_loss_weight > 0 and sim_loss is None:
             raise InvembError("sim_loss_weight > 0 needs a SentenceSimilarityLoss")
         self.sim_loss = sim_loss  # plain attribute: not a submodule
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 para_ids: torch.Tensor | None = None, para_mask: torch.Tensor | None = None,
-                para_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        # input_ids/attention_mask [B,T]; para_ids/para_mask [B,P,T'], para_valid [B,P] (optional)
-        vec = self.model.encoder(input_ids, attention_mask)  # [B,S]
+                para_valid: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        # input_ids/attention_mask [B,T]; para_ids/para_mask [B,P,T'], para_valid [B,P] (optional);
+        # hidden_states [B,T,H]: the frozen backbone's cached states (the encoder then runs only its pooler)
+        vec = self.model.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         if self.training:
             vec = add_vector_noise(vec, self.noise_sigma)
-        out = self.model(input_ids, attention_mask, sentence_embedding=vec)
+        out = self.model(input_ids, attention_mask, sentence_embedding=vec,
+                         sampled_negatives=self.sampled_negatives if self.training else 0)
         loss, zero = out["loss"], out["loss"].detach() * 0
         out["ce"], out["sim"], out["para"] = out["loss"].detach(), zero, zero
         if self.sim_loss_weight > 0 and self.training:

@@ -94,13 +94,21 @@ class InvertibleEmbedder(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                sentence_embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100)."""
+                sentence_embedding: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None, sampled_negatives: int = 0) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100), in the decoder's
+        output ids (compact ids for a compact vocabulary). hidden_states [B,T,H]: cached backbone states.
+        sampled_negatives > 0 (training mode only): a sampled softmax over the batch's targets + that many random
+        pieces; `logits`/`labels` are then over those candidates (evaluation always uses the full softmax)."""
         if sentence_embedding is None:
-            sentence_embedding = self.encoder(input_ids, attention_mask)  # [B,S]
+            sentence_embedding = self.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         dec_in = input_ids[:, :-1]  # [B,T-1]
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE)  # [B,T-1]
-        logits = self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
+        labels = self.decoder.targets(input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE))  # [B,T-1]
+        if sampled_negatives and self.training and hasattr(self.decoder, "sampled_logits"):
+            # logits over the batch's candidate pieces [B,T-1,C]; labels become positions among them
+            logits, labels = self.decoder.sampled_logits(sentence_embedding, dec_in, labels, sampled_negatives)
+        else:
+            logits = self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
         return {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
 
@@ -145,18 +153,36 @@ class InvertibleEmbedder(nn.Module):
         return self.detokenize(ids)
 
     # ----------------------------------------------------------------------------------------------- save/load
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors + tokenizer files atomically (temp folder, then rename)."""
-        from safetensors.torch import save_model
+    def save_pretrained(self, path: str | os.PathLike, backbone: bool = True, dtype: torch.dtype | None = None,
+                        extra: dict | None = None) -> Path:
+        """Write config.json + model.safetensors + tokenizer files atomically (temp folder, then rename).
+
+        backbone=False leaves a frozen pretrained backbone out (it is loaded from its pip package / folder by name,
+        the way the shipped model references MiniLM); dtype=torch.float16 stores floating weights in half precision
+        (loaded back into float32). `extra` is stored in config.json under "info" (e.g. training provenance)."""
+        from safetensors.torch import save_file, save_model
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             meta = {"format_version": FORMAT_VERSION, "invemb_model": self.config.to_dict(),
                     "backbone_config": self.encoder.backbone.config.to_dict(), "vocab_size": len(self.tokenizer),
-                    "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}}
+                    "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id},
+                    "backbone_weights": "included" if backbone else "external"}
+            if extra:
+                meta["info"] = extra
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            save_model(self, str(tmp / "model.safetensors"))
+            if backbone and dtype is None:
+                save_model(self, str(tmp / "model.safetensors"))
+            else:
+                tensors, seen = {}, set()
+                for name, t in self.state_dict().items():
+                    if (not backbone and name.startswith("encoder.backbone.")) or t.data_ptr() in seen:
+                        continue  # the backbone by reference; a tied weight once (under its first name)
+                    seen.add(t.data_ptr())
+                    t = t.detach().cpu()
+                    tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+                save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
             if path.exists():
                 shutil.rmtree(path)
@@ -167,22 +193,36 @@ class InvertibleEmbedder(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "InvertibleEmbedder":
+    def from_pretrained(cls, path: str | os.PathLike | None = None,
+                        device: str | torch.device = "cpu") -> "InvertibleEmbedder":
+        """Load a checkpoint folder; no path: the model shipped with invemb (`invemb.shipped.default_model_path`)."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        if path is None:
+            from invemb.shipped import default_model_path
+            path = default_model_path()
         path = Path(path)
         meta = read_checkpoint_config(path)
         config = ModelConfig.from_dict(meta["invemb_model"])
-        bcfg = dict(meta["backbone_config"])
-        hf_cfg = AutoConfig.for_model(bcfg.pop("model_type"), **bcfg)
+        external = meta.get("backbone_weights") == "external"
+        if external:  # the pretrained backbone from its pip package / folder, by name
+            import dataclasses
+            backbone = load_backbone(dataclasses.replace(config.encoder, random_init=False))
+        else:
+            bcfg = dict(meta["backbone_config"])
+            backbone = AutoModel.from_config(AutoConfig.for_model(bcfg.pop("model_type"), **bcfg))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = cls(config, tokenizer, AutoModel.from_config(hf_cfg))
+        model = cls(config, tokenizer, backbone)
         try:
-            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+            state = load_file(str(path / "model.safetensors"), device=str(device))
+            missing, unexpected = model.load_state_dict(state, strict=False)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InvembError(f"{path / 'model.safetensors'} is corrupted or incompatible: "
                               f"{str(e).splitlines()[0][:300]}") from None
+        tied = ({"decoder.head.weight", "decoder.tok.weight"} if config.decoder.tie_embeddings and
+                ("decoder.head.weight" in state or "decoder.tok.weight" in state) else set())
+        missing = [k for k in missing if k not in tied and not (external and k.startswith("encoder.backbone."))]
         if missing or unexpected:
             raise InvembError(f"{path} does not match its config.json: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")

@@ -1,11 +1,18 @@
-"""The main job in one command: train -> evaluate -> export -> serve -> roundtrip, in one run folder.
+"""The main job in one command: [train ->] evaluate -> export -> serve -> roundtrip, in one run folder.
 
-    .venv/bin/python scripts/pipeline.py --data ../shared/data/financial-news-headlines            # ~15-20 min, 2 CPUs
-    .venv/bin/python scripts/pipeline.py --out runs/pipeline --resume                              # skip finished stages
-    .venv/bin/invemb pipeline --data ...                                                           # the same
+    .venv/bin/python scripts/pipeline.py --data ../shared/data/financial-news-headlines     # the shipped model, minutes
+    .venv/bin/python scripts/pipeline.py --data ... --train                                 # train first (small recipe)
+    .venv/bin/python scripts/pipeline.py --data ... --train --config train/configs/minilm-mq16.yaml \
+        --ranks 1 init_from=models/invemb-minilm-s768 max_steps=2000     # continue the shipped model's training
+    .venv/bin/python scripts/pipeline.py --out runs/pipeline --resume                       # skip finished stages
+    .venv/bin/invemb pipeline --data ...                                                    # the same
+
+By default the pipeline runs on the model shipped in models/ (no training: real reconstructions in minutes);
+--checkpoint DIR runs it on another model folder; --train trains one first (the `small` recipe by default:
+`deepspeed --num_gpus 2 train/run.py`, 2 gloo ranks on CPU, ZeRO-2, ~15 min and a weak model).
 
 Stages (each logs to <out>/logs/<stage>.log and leaves <out>/<stage>.done when it finished):
-  train     `deepspeed --num_gpus 2 train/run.py --config train/configs/small.yaml` (2 gloo ranks on CPU, ZeRO-2)
+  train     (--train only) `deepspeed --num_gpus 2 train/run.py --config ...` -> <out>/train/final
   evaluate  `invemb evaluate` on the validation split (greedy + beam 4, BERTScore/paraphrase cos with all-mpnet-base-v2)
   export    `export/to_onnx.py` into <out>/onnx and a Triton model repository <out>/model_repository
   serve     starts the real Triton server, round-trips 10 validation headlines through the `roundtrip` ensemble,
@@ -29,6 +36,16 @@ sys.path.insert(0, str(REPO))
 from invemb.errors import InvembError  # noqa: E402
 
 STAGES = ("train", "evaluate", "export", "serve")
+
+
+def model_dir(a, out: Path) -> Path:
+    """The model the later stages use: the trained one (--train), --checkpoint, or the shipped model."""
+    if a.train:
+        return out / "train/final"
+    if a.checkpoint:
+        return Path(a.checkpoint).resolve()
+    from invemb.shipped import default_model_path
+    return default_model_path()
 BIN = Path(sys.executable).parent
 
 
@@ -77,7 +94,7 @@ def stage_train(a, out: Path) -> None:
 
 
 def stage_evaluate(a, out: Path) -> None:
-    cmd = [sys.executable, "-m", "invemb.cli", "evaluate", "--checkpoint", out / "train/final", "--data", a.data,
+    cmd = [sys.executable, "-m", "invemb.cli", "evaluate", "--checkpoint", model_dir(a, out), "--data", a.data,
            "--limit", str(a.eval_limit), "--beam-sizes", "1,4", "--scorer", a.scorer,
            "--output", out / "eval/metrics.json"]
     _run(cmd, out / "logs/evaluate.log")
@@ -88,7 +105,7 @@ def stage_export(a, out: Path) -> None:
     if repo.exists():
         shutil.rmtree(repo)
     shutil.copytree(REPO / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
-    _run([sys.executable, REPO / "export/to_onnx.py", "--checkpoint", out / "train/final", "--out", out / "onnx",
+    _run([sys.executable, REPO / "export/to_onnx.py", "--checkpoint", model_dir(a, out), "--out", out / "onnx",
           "--triton-repo", repo], out / "logs/export.log")
 
 
@@ -114,8 +131,8 @@ def stage_serve(a, out: Path) -> None:
 
 def summary(out: Path, times: dict) -> str:
     from invemb.evaluate import format_table
-    lines = ["# invemb pipeline run", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {s} | {t:.0f} |" for s, t in times.items()]
+    lines = ["# invemb pipeline run", "", f"model: {times.get('_model', '?')}", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {t:.0f} |" for s, t in times.items() if not s.startswith("_")]
     if (out / "eval/metrics.json").is_file():
         m = json.loads((out / "eval/metrics.json").read_text())
         lines += ["", f"## Validation metrics ({m['n']} headlines; BERTScore: {m.get('bertscore')})", "",
@@ -131,29 +148,35 @@ def run_pipeline(a) -> None:
     from invemb.data import resolve_data_path
     a.data = str(resolve_data_path(a.data).resolve())  # fail fast, one line, before any work
     out = Path(a.out).resolve()
+    stages = STAGES if a.train else STAGES[1:]
+    if not a.train:
+        model_dir(a, out)  # a missing shipped model / checkpoint fails here, before any work
     out.mkdir(parents=True, exist_ok=True)
     times_file = out / "stage_times.json"
     times = json.loads(times_file.read_text()) if a.resume and times_file.is_file() else {}
-    for i, stage in enumerate(STAGES, 1):
+    times.pop("_model", None)
+    if not a.train:
+        print(f"model: {model_dir(a, out)} (pass --train to train one first)", flush=True)
+    for i, stage in enumerate(stages, 1):
         done = out / f"{stage}.done"
         if a.resume and done.is_file():
-            print(f"[{i}/{len(STAGES)}] {stage}: already done (--resume), skipped", flush=True)
+            print(f"[{i}/{len(stages)}] {stage}: already done (--resume), skipped", flush=True)
             continue
-        for later in STAGES[i - 1:]:  # this stage's outputs change: later stages must run again
+        for later in stages[i - 1:]:  # this stage's outputs change: later stages must run again
             (out / f"{later}.done").unlink(missing_ok=True)
-        print(f"[{i}/{len(STAGES)}] {stage}: running (log: {out / 'logs' / (stage + '.log')})", flush=True)
+        print(f"[{i}/{len(stages)}] {stage}: running (log: {out / 'logs' / (stage + '.log')})", flush=True)
         t0 = time.time()
         try:
             globals()[f"stage_{stage}"](a, out)
         except (StageError, InvembError, RuntimeError, OSError) as e:
-            print(f"[{i}/{len(STAGES)}] {stage}: FAILED after {time.time() - t0:.0f} s: {e}", file=sys.stderr)
+            print(f"[{i}/{len(stages)}] {stage}: FAILED after {time.time() - t0:.0f} s: {e}", file=sys.stderr)
             print(f"earlier stages' outputs are kept in {out}; rerun with --resume to continue", file=sys.stderr)
             raise SystemExit(1)
         times[stage] = time.time() - t0
         times_file.write_text(json.dumps(times, indent=2))
         done.write_text(f"{times[stage]:.1f}\n")
-        print(f"[{i}/{len(STAGES)}] {stage}: done in {times[stage]:.0f} s", flush=True)
-    (out / "summary.md").write_text(summary(out, times))
+        print(f"[{i}/{len(stages)}] {stage}: done in {times[stage]:.0f} s", flush=True)
+    (out / "summary.md").write_text(summary(out, {**times, "_model": str(model_dir(a, out))}))
     if (out / "eval/metrics.json").is_file():
         from invemb.evaluate import format_table
         m = json.loads((out / "eval/metrics.json").read_text())
@@ -166,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="train -> evaluate -> export -> serve -> roundtrip")
     ap.add_argument("--data", default=None, help="headlines folder/file (default: $INVEMB_DATA)")
     ap.add_argument("--out", default="runs/pipeline", help="run folder")
-    ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"))
+    ap.add_argument("--train", action="store_true", help="train a model first (--config) instead of using the "
+                    "shipped one")
+    ap.add_argument("--checkpoint", default=None, help="model folder to evaluate/export/serve (default: shipped)")
+    ap.add_argument("--config", default=str(REPO / "train/configs/small.yaml"), help="recipe of --train")
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU: gloo); 1 = plain PyTorch")
     ap.add_argument("--eval-limit", type=int, default=200, help="validation headlines to evaluate")
     ap.add_argument("--scorer", default="all-mpnet-base-v2", help="BERTScore/paraphrase model, or 'none'")
@@ -176,9 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(a) -> None:
+    if a.override and not a.train:
+        raise InvembError(f"recipe overrides {a.override} need --train")
+    if a.train and a.checkpoint:
+        raise InvembError("--checkpoint and --train exclude each other (--train makes the model)")
+    for name in ("ranks", "eval_limit", "n_roundtrip"):
+        if getattr(a, name) < (1 if name != "eval_limit" else 0):
+            raise InvembError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         run_pipeline(args)
     except InvembError as e:
         print(f"invemb: error: {e}", file=sys.stderr)

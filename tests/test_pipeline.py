@@ -10,7 +10,7 @@ PIPE = [sys.executable, str(REPO / "scripts/pipeline.py")]
 
 def test_pipeline_toy_end_to_end_and_resume(data_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["--data", str(data_dir), "--out", str(out), "--config", str(REPO / "train/configs/toy.yaml"),
+    args = ["--data", str(data_dir), "--out", str(out), "--train", "--config", str(REPO / "train/configs/toy.yaml"),
             "--ranks", "1", "--eval-limit", "8", "--n-roundtrip", "3", "--scorer", "none", "max_steps=4"]
     r = subprocess.run(PIPE + args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

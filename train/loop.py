@@ -35,9 +35,11 @@ def _seed(*parts: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, args, out: Path, ds_config: dict | None, train: list[str], val: list[str],
-                 paraphrases: dict[str, list[str]] | None, resume):
+                 paraphrases: dict[str, list[str]] | None, resume, vocab_ids=None, cache_texts=None):
         self.cfg, self.args, self.out, self.ds_config = cfg, args, out, ds_config
         self.train_texts, self.val_texts, self.paraphrases, self.resume = train, val, paraphrases, resume
+        self.vocab_ids = vocab_ids  # compact output vocabulary (tokenizer ids) of a fresh model, or None
+        self.cache_texts = cache_texts or train + val  # the texts the feature cache holds
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -60,18 +62,31 @@ class Trainer:
             if self.ds_config is not None:
                 (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         torch.manual_seed(cfg.seed)
-        model = InvertibleEmbedder(cfg.model)
+        if cfg.init_from:  # continue from a model folder (the shipped model): weights, compact vocabulary
+            from train.engine import resolve_path
+            model = InvertibleEmbedder.from_pretrained(resolve_path(cfg.init_from))
+            model.config = cfg.model  # the recipe's (equal up to dropout-like settings, checked by run.py)
+        else:
+            model = InvertibleEmbedder(cfg.model)
+            if self.vocab_ids is not None:
+                model.decoder.set_vocab(self.vocab_ids, model.tokenizer.unk_token_id)
+        self.features = self._feature_cache(model) if cfg.feature_cache else None
         self.factory = lambda: self._fresh_model(model)  # noqa: E731
         self.params_total = sum(p.numel() for p in model.parameters())
         self.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         enc = model.tokenize(self.train_texts)
         self.train_ids, self.train_mask = enc["input_ids"], enc["attention_mask"]  # [N,L]
+        self.train_lengths = self.train_mask.sum(1).tolist()
         enc = model.tokenize(self.val_texts)
         self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
+        if self.features is not None:  # each row's row in the cache
+            index = {t: i for i, t in enumerate(self.cache_texts)}
+            self.train_cache_rows = [index[t] for t in self.train_texts]
+            self.val_cache_rows = [index[t] for t in self.val_texts]
         self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
-        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim)
+        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax)
         if self.ds_config is not None:
             self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
         else:
@@ -86,7 +101,48 @@ class Trainer:
             self.eng.load(self.ckpt_dir, tag, state)
             self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch"]
             self.last_saved = self.step
+        self.prior_wall, self.prior_cpu = self._prior_time()
         self.logger = RunLogger(self.out, self.main, self.step if self.resume else None)
+
+    def _prior_time(self) -> tuple[float, float]:
+        """Training wall / CPU seconds spent before this process (from the resumed checkpoint), for the CPU-hour
+        count of a model's card. A checkpoint from before these fields: its log's last elapsed_s, CPU = wall x
+        threads."""
+        if not self.resume:
+            return 0.0, 0.0
+        state = self.resume[1]
+        if "wall_total_s" in state:
+            return float(state["wall_total_s"]), float(state["cpu_total_s"])
+        recs = [r for r in read_metrics(self.out / "metrics.jsonl") if r["kind"] == "train"
+                and r["step"] <= state["step"]]
+        wall = float(recs[-1].get("elapsed_s", 0.0)) if recs else 0.0
+        return wall, wall * torch.get_num_threads()
+
+    def _time_totals(self) -> dict:
+        return {"wall_total_s": self.prior_wall + time.time() - self.t_start,
+                "cpu_total_s": self.prior_cpu + time.process_time() - self.cpu_start}
+
+    def _feature_cache(self, model):
+        """Open (rank 0 builds it first if missing) the frozen backbone's token-state cache of self.cache_texts."""
+        from invemb.training.features import FeatureCache
+        from train.engine import resolve_path
+        enc = self.cfg.model.encoder
+        args = (resolve_path(self.cfg.feature_cache), model.encoder, model.tokenizer, self.cache_texts,
+                enc.model_name, enc.max_length)
+        if self.main:
+            cache = FeatureCache.open_or_build(*args)
+        if self.ds_config is not None and self.world > 1:
+            torch.distributed.barrier()
+        return cache if self.main else FeatureCache.open_or_build(*args)
+
+    def _lr_at(self, step: int) -> float:
+        """The cosine schedule: linear warm-up over warmup_steps, then cosine from lr to min_lr at self.total."""
+        import math
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, self.total - cfg.warmup_steps))
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
     def _fresh_model(self, like):
         from transformers import AutoModel
@@ -106,11 +162,14 @@ class Trainer:
         return torch.tensor([i + [-1] * (p - len(i)) for i in index], dtype=torch.long)
 
     # ------------------------------------------------------------------------------------------------ batches
-    def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool) -> dict:
+    def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool,
+               cache_rows: list[int] | None = None) -> dict:
         rows_t = torch.tensor(rows, dtype=torch.long)
         m = mask[rows_t]
         length = int(m.sum(1).max())
         batch = {"input_ids": ids[rows_t, :length].to(self.device), "attention_mask": m[:, :length].to(self.device)}
+        if self.features is not None and cache_rows is not None:  # cached backbone states [b,length,H]
+            batch["hidden_states"] = self.features.states([cache_rows[r] for r in rows], length).to(self.device)
         if paraphrases and self.para_index is not None:
             pidx = self.para_index[rows_t]  # [b,P]
             valid = pidx >= 0
@@ -125,6 +184,14 @@ class Trainer:
         random.Random(self.cfg.seed + epoch).shuffle(order)
         b = self.cfg.batch_size
         n = (len(order) // b) // self.cfg.grad_accum * self.cfg.grad_accum
+        order = order[:n * b]
+        if self.cfg.bucket_batches:  # sort windows of 50 batches by length, cut, shuffle the batches (seeded)
+            w = 50 * b
+            order = [i for s in range(0, len(order), w)
+                     for i in sorted(order[s:s + w], key=lambda r: self.train_lengths[r])]
+            batches = [order[i * b:(i + 1) * b] for i in range(n)]
+            random.Random(self.cfg.seed + epoch + 7919).shuffle(batches)
+            return batches
         return [order[i * b:(i + 1) * b] for i in range(n)]
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -136,7 +203,7 @@ class Trainer:
         self.total = min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch)
         stop_at = self.args.stop_after_steps
         bar = tqdm(total=self.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
-        self.t_start = time.time()
+        self.t_start, self.cpu_start = time.time(), time.process_time()
         window = self._new_window()
         self._train(True)
         while self.step < self.total and self.epoch < cfg.epochs:
@@ -144,13 +211,17 @@ class Trainer:
             for bi in range(self.batch_pos, len(batches)):
                 _seed(cfg.seed, self.epoch, bi, self.rank)
                 rows = batches[bi][self.rank * self.micro:(self.rank + 1) * self.micro]
-                out = eng.train_micro_batch(**self._batch(self.train_ids, self.train_mask, rows, True))
+                if cfg.lr_schedule == "cosine" and bi % cfg.grad_accum == 0:
+                    eng.set_lr(self._lr_at(self.step))
+                out = eng.train_micro_batch(**self._batch(self.train_ids, self.train_mask, rows, True,
+                                                          getattr(self, "train_cache_rows", None)))
                 self._accumulate(window, out)
                 if (bi + 1) % cfg.grad_accum:
                     continue
                 self.step += 1
                 bar.update(1)
-                epoch_end, last = bi + 1 == len(batches), self.step >= self.total
+                out_of_time = cfg.max_minutes > 0 and time.time() - self.t_start >= 60 * cfg.max_minutes
+                epoch_end, last = bi + 1 == len(batches), self.step >= self.total or out_of_time
                 if self.step % cfg.log_every == 0 or last:
                     self._log_train(window, bar)
                     window = self._new_window()
@@ -190,8 +261,9 @@ class Trainer:
         labels = out["labels"]
         w["tokens"] += int((labels != -100).sum()) + labels.shape[0]  # + the [CLS] input of each row
         w["samples"] += labels.shape[0]
+        rows = self.cfg.train_acc_rows or labels.shape[0]  # topk over the vocabulary is not free
         with torch.no_grad():
-            w["acc"].update(out["logits"].detach(), labels)
+            w["acc"].update(out["logits"][:rows].detach(), labels[:rows])
 
     def _log_train(self, w: dict, bar) -> None:
         acc = w["acc"]
@@ -201,7 +273,8 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": sums[1] / n, "ce": sums[2] / n,
                "sim": sums[3] / n, "para": sums[4] / n, "lr": self.eng.lr,
                "top1": sums[7] / max(1.0, sums[9]), "top5": sums[8] / max(1.0, sums[9]),
-               "tokens_per_s": sums[5] / dt, "samples_per_s": sums[6] / dt, "elapsed_s": time.time() - self.t_start}
+               "tokens_per_s": sums[5] / dt, "samples_per_s": sums[6] / dt, "elapsed_s": time.time() - self.t_start,
+               **self._time_totals()}
         self.logger.log(rec)
         if self.main:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['top1']:.3f}", lr=f"{rec['lr']:.1e}",
@@ -217,16 +290,21 @@ class Trainer:
         for start in range(0, len(self.val_texts), g):
             rows = list(range(start, min(start + g, len(self.val_texts))))
             local = rows[self.rank * self.micro:(self.rank + 1) * self.micro]
-            out = eng.forward(**self._batch(self.val_ids, self.val_mask, local or rows[:1], False))
+            out = eng.forward(**self._batch(self.val_ids, self.val_mask, local or rows[:1], False,
+                                            getattr(self, "val_cache_rows", None)))
             if local:  # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
                 acc.update(out["logits"].float(), out["labels"])
                 loss_sum += float(out["ce"]) * int((out["labels"] != -100).sum())
         s = eng.all_sum([loss_sum, *acc.hits.tolist(), acc.total])
         rec = {"kind": "val", "step": self.step, "epoch": self.epoch, "val_loss": s[0] / max(1.0, s[3]),
-               "val_top1": s[1] / max(1.0, s[3]), "val_top5": s[2] / max(1.0, s[3])}
+               "val_top1": s[1] / max(1.0, s[3]), "val_top5": s[2] / max(1.0, s[3]),
+               **self._time_totals()}
         if cfg.bertscore_subset > 0:
             rec.update(self._bertscore(cfg.bertscore_subset))
-        eng.step_plateau(rec["val_top1"])
+        if cfg.decode_subset > 0:
+            rec.update(self._decode_metrics(cfg.decode_subset))
+        if cfg.lr_schedule == "plateau":
+            eng.step_plateau(rec["val_top1"])
         rec["lr"] = eng.lr
         self.logger.log(rec)
         if self.main and bar is not None:
@@ -234,6 +312,18 @@ class Trainer:
         self._train(True)
         self.last_val = rec
         return rec
+
+    def _decode_metrics(self, n: int) -> dict:
+        """Greedy exact match and BLEU of the first n validation headlines (the curve a user cares about)."""
+        from invemb.metrics import bleu, exact_match
+        model = self.eng.full_model()  # collective under ZeRO-3
+        res = {}
+        if self.main:
+            texts = self.val_texts[:n]
+            hyps, refs = model.decode(model.encode(texts), beam_size=1), model.reference_texts(texts)
+            res = {"val_greedy_exact": exact_match(hyps, refs), "val_greedy_bleu": bleu(hyps, refs)}
+        self.eng.barrier()
+        return res
 
     def _bertscore(self, n: int) -> dict:
         from invemb.metrics import bertscore_f1
@@ -253,7 +343,8 @@ class Trainer:
         tag = f"step_{self.step:08d}"
         state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.world,
                  "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
-                 "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage}
+                 "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage,
+                 "train_headlines": len(self.train_texts), **self._time_totals()}
         self.eng.save(self.ckpt_dir, tag, state)
         if self.main:
             prune(self.ckpt_dir, KEEP_CHECKPOINTS, tag)

@@ -96,6 +96,31 @@ def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: i
     return found
 
 
+def prepare_model_config(cfg: TrainConfig, train: list[str]):
+    """Settle what the recipe leaves to the data: the compact vocabulary's size (returns its ids, or None), and the
+    model config of `init_from` (which must agree with the recipe's)."""
+    from invemb.config import ModelConfig
+    if cfg.init_from:
+        from invemb.model import read_checkpoint_config
+        from train.engine import resolve_path
+        init = ModelConfig.from_dict(read_checkpoint_config(resolve_path(cfg.init_from))["invemb_model"])
+        cfg.model.decoder.output_vocab = init.decoder.output_vocab if cfg.compact_vocab else 0
+        a, b = cfg.model.to_dict(), init.to_dict()
+        diffs = [f"{part}.{k}: {b[part][k]!r} (init_from) vs {a[part][k]!r} (recipe)"
+                 for part in ("encoder", "decoder") for k in a[part] if a[part][k] != b[part].get(k)]
+        if diffs:
+            raise InvembError(f"init_from {cfg.init_from}: model config differs from the recipe: {'; '.join(diffs)}")
+        return None  # the compact vocabulary comes with the weights
+    if not cfg.compact_vocab:
+        return None
+    from invemb.encoder import load_tokenizer
+    from invemb.vocab import compact_vocab_ids
+    tok = load_tokenizer(cfg.model.encoder.model_name)
+    ids = compact_vocab_ids(tok, tok(train, truncation=True, max_length=cfg.model.encoder.max_length)["input_ids"])
+    cfg.model.decoder.output_vocab = len(ids)
+    return ids
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = os.environ
@@ -117,9 +142,11 @@ def main(argv=None) -> int:
             raise InvembError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
         if cfg.max_steps < 0 or cfg.epochs < 1:
             raise InvembError("epochs must be >= 1 and max_steps >= 0")
-        from invemb.data import load_split
+        from invemb.data import load_split, newest_records
         split = load_split(args.data, cfg.val_fraction, cfg.seed)
-        train = [r.text for r in split.train][:cfg.train_limit or None]
+        held = {r.text for r in newest_records(split.train + split.val, cfg.holdout_newest_days)} \
+            if cfg.holdout_newest_days else set()
+        train = [r.text for r in split.train if r.text not in held][:cfg.train_limit or None]
         val = [r.text for r in split.val][:cfg.val_limit or None]
         if len(train) < cfg.batch_size * cfg.grad_accum:
             raise InvembError(f"{len(train)} training headline(s): fewer than one optimizer step "
@@ -131,6 +158,8 @@ def main(argv=None) -> int:
             paraphrases = load_paraphrases(resolve_path(cfg.paraphrase_file))
             if not any(t in paraphrases for t in train):
                 raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
+        vocab_ids = prepare_model_config(cfg, train)
+        cache_texts = [r.text for r in split.train + split.val]  # the feature cache holds the whole data set
         stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
         resume = check_resume(out, args.resume, cfg, world, stage)
     except InvembError as e:
@@ -138,7 +167,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     from train.loop import Trainer
-    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume).run()
+    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_texts).run()
     return 0
 
 

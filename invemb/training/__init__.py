@@ -1,0 +1,1 @@
+"""Training helpers that live in the installed package (the loop itself is driven by train/run.py)."""

