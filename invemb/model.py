@@ -129,6 +129,10 @@ class InvertibleEmbedder(nn.Module):
         return check_vectors(vectors, self.sentence_dim)
 
     def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
+        from invemb.limits import MAX_BEAM_SIZE, check_range
+        check_range("beam_size", beam_size, 1, MAX_BEAM_SIZE)
+        if max_length is not None:
+            check_range("max_length", max_length, 1, self.config.encoder.max_length - 1)
         return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,
                                 max_length=max_length or self.config.encoder.max_length - 1, **kw)
 
@@ -184,6 +188,9 @@ class InvertibleEmbedder(nn.Module):
                     tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
                 save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be shared
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
             if path.exists():
                 shutil.rmtree(path)
             tmp.rename(path)
@@ -239,4 +246,12 @@ def read_checkpoint_config(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "invemb_model" not in meta:
         raise InvembError(f"{path / 'config.json'} is not an invemb checkpoint config "
                           f"(format_version {FORMAT_VERSION} expected)")
+    unknown = set(meta) - CONFIG_KEYS
+    if unknown:
+        raise InvembError(f"{path / 'config.json'}: unknown top-level key(s) {sorted(unknown)}; known: "
+                          f"{sorted(CONFIG_KEYS)}")
     return meta
+
+
+CONFIG_KEYS = {"format_version", "invemb_model", "backbone_config", "vocab_size", "special_ids", "backbone_weights",
+               "info"}

@@ -86,8 +86,7 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     if metrics:
         entry["metrics"] = metrics
     history.append(entry)
-    info = {"recipe": raw, "history": history, "machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
-            f"{platform.processor() or platform.platform()}", "curve": [
+    info = {"recipe": raw, "history": history, "machine": _machine(), "curve": [
                 {"step": base_steps + r["step"], "cpu_hours_cumulative": round(
                     base_cpu + r.get("cpu_total_s", 0.0) / 3600, 4), "val_top1": r["val_top1"],
                  "val_loss": r["val_loss"], **{k: r[k] for k in ("val_greedy_bleu", "val_greedy_exact") if k in r}}
@@ -100,6 +99,19 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
         raise InvembError(f"{out / 'model.safetensors'} is {size / 2 ** 20:.1f} MB (> 25 MB)")
     InvertibleEmbedder.from_pretrained(out)  # it must load offline
     return out
+
+
+def _machine() -> str:
+    import os
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU"
 
 
 def _prev_curves(init_from: str) -> list[list[dict]]:
@@ -145,7 +157,7 @@ def write_card(folder: Path) -> Path:
         f"- Recipe: `train/configs/minilm-mq16.yaml` (feature cache, length-bucketed batches, AdamW lr "
         f"{info.get('recipe', {}).get('lr')}, cosine, sampled softmax "
         f"{info.get('recipe', {}).get('sampled_softmax')} negatives).",
-        f"- Machine: {info.get('machine', '?')}; no GPU.", "",
+        f"- Machine: {info.get('machine', '?')}.", "",
         "| date | run | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- |"]
     for h in hist:
