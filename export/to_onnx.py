@@ -122,7 +122,8 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int] | None = None, vocab: 
 
 
 # ----------------------------------------------------------------------------------------------- export
-def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int) -> None:
+def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, max_length: int | None = None
+                  ) -> None:
     import torch
     from torch.export import Dim
     dims: dict[str, Dim] = {}
@@ -140,6 +141,22 @@ def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int) -
                                     verbose=False, external_data=False)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=size > 1.8e9)  # protobuf's 2 GB limit
+    if size <= 1.8e9:
+        add_limits_metadata(path, vocab, max_length)
+
+
+def add_limits_metadata(path: Path, vocab: int, max_length: int | None) -> None:
+    """Record the input limits in the graph (metadata_props): servers validate requests against them, so an
+    out-of-range token id or an over-long sequence is the sender's INVALID_ARGUMENT, not a failed batch."""
+    import onnx
+    model = onnx.load(str(path))
+    props = {"invemb_vocab_size": str(vocab)}
+    if max_length:
+        props["invemb_max_length"] = str(max_length)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def check_graph(path: Path, spec: GraphSpec) -> None:
@@ -177,7 +194,7 @@ def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, 
         graphs = {}
         for name, spec in specs.items():
             path = tmp / spec.file
-            _export_graph(modules[name](spec), spec, path, opset, dims.vocab_size)
+            _export_graph(modules[name](spec), spec, path, opset, dims.vocab_size, dims.max_length)
             check_graph(path, spec)
             graphs[name] = {**spec.to_json(), "sha256": _sha256(path)}
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))

@@ -58,7 +58,7 @@ def _read_vectors(path: str):
         raise InvembError(f"vectors file {path!r} does not exist")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise InvembError(f"{path} is not a .npy array: {e}") from None
 
 
@@ -154,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Sizes from the command line within invemb.limits: a one-line error naming the argument, before any work."""
+    from invemb.limits import MAX_BATCH_SIZE, MAX_BEAM_SIZE, check_range
+    if hasattr(args, "batch_size"):
+        check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    if hasattr(args, "beam_size"):
+        check_range("--beam-size", args.beam_size, 1, MAX_BEAM_SIZE)
+    if getattr(args, "limit", 0) < 0:
+        raise InvembError(f"--limit must be >= 0, got {args.limit}")
+    if hasattr(args, "beam_sizes"):
+        try:
+            beams = [int(b) for b in args.beam_sizes.split(",")]
+        except ValueError:
+            raise InvembError(f"--beam-sizes must be comma-separated integers, got {args.beam_sizes!r}") from None
+        for b in beams:
+            check_range("--beam-sizes", b, 1, MAX_BEAM_SIZE)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["pipeline"]:
@@ -165,6 +183,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="invemb: warning: %(message)s")
     try:
+        check_args(args)
         args.func(args)
     except InvembError as e:
         print(f"invemb: error: {e}", file=sys.stderr)

@@ -54,10 +54,20 @@ class ModelConfig:
             raise InvembError(f"encoder.pooling must be one of {POOLINGS}, got {e.pooling!r}")
         if d.kind not in DECODERS:
             raise InvembError(f"decoder.kind must be one of {DECODERS}, got {d.kind!r}")
+        from invemb.limits import MAX_MODEL_WIDTH, MAX_SEQUENCE, check_range
+        check_range("encoder.max_length", e.max_length, 3, MAX_SEQUENCE)
+        for name, value in (("encoder.sentence_dim", e.sentence_dim), ("decoder.d_model", d.d_model),
+                            ("decoder.d_ff", d.d_ff)):
+            check_range(name, value, 1, MAX_MODEL_WIDTH)
+        check_range("decoder.n_layers", d.n_layers, 1, 64)
+        check_range("decoder.n_heads", d.n_heads, 1, 256)
+        check_range("decoder.memory_slots", d.memory_slots, 1, 1024)
+        check_range("encoder.pool_queries", e.pool_queries, 1, 1024)
+        check_range("decoder.output_vocab", d.output_vocab, 0, 10 ** 6)
+        if not 0.0 <= d.dropout < 1.0:
+            raise InvembError(f"decoder.dropout must be in [0, 1), got {d.dropout}")
         if d.d_model % d.n_heads:
             raise InvembError(f"decoder.d_model ({d.d_model}) must be divisible by n_heads ({d.n_heads})")
-        if e.sentence_dim < 1 or d.memory_slots < 1 or e.max_length < 3:
-            raise InvembError("sentence_dim and memory_slots must be >= 1 and max_length >= 3")
         if d.memory_mode not in MEMORY_MODES:
             raise InvembError(f"decoder.memory_mode must be one of {MEMORY_MODES}, got {d.memory_mode!r}")
         if d.memory_mode == "chunks" and e.sentence_dim % d.memory_slots:
@@ -142,11 +152,20 @@ class TrainConfig:
         return cfg
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 def _build(cls, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    if not isinstance(values, dict):
+        raise InvembError(f"config section {where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise InvembError(f"unknown config key(s) in {where}: {sorted(unknown)}; known: {sorted(names)}")
+        raise InvembError(f"unknown config key(s) in {where}: {sorted(unknown)}; known: {sorted(fields)}")
+    for name, value in values.items():  # strings for numbers, numbers for flags... are errors, not surprises
+        ok = _TYPES.get(str(fields[name].type))
+        if ok and (not isinstance(value, ok) or (bool not in ok and isinstance(value, bool))):
+            raise InvembError(f"config {where}.{name} must be {fields[name].type}, got {value!r}")
     return cls(**values)
 
 

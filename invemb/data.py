@@ -157,11 +157,70 @@ def newest_records(records: list[Record], days: int = 30) -> list[Record]:
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """Texts for the CLI: a .txt (one per line) or .csv file; raises on a missing file or on no texts."""
+    """Texts for the CLI and the client: ONE row per line of the user's file, never a row lost or added.
+
+    .txt: lines end with "\n" or "\r\n" only (Unicode line/paragraph separators, NEL, form feed... stay inside
+    their line, as spaces); a blank or whitespace-only line, or one that is not UTF-8, is an InvembError naming
+    its line number(s). .csv: the headline-like column, one row per record; a blank cell is an error naming the
+    record's line. Nothing is returned (so nothing is written) when any line is bad."""
     p = Path(path)
     if not p.is_file():
         raise InvembError(f"texts file {str(p)!r} does not exist")
-    texts = [r.text for r in read_file(p)]
+    raw = p.read_bytes()
+    if p.suffix.lower() == ".csv":
+        return _read_csv_texts(p, raw)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":  # the newline that ends the last line
+        lines.pop()
+    texts, blank, undecodable = [], [], []
+    for no, line in enumerate(lines, 1):
+        line = line[:-1] if line.endswith(b"\r") else line
+        try:
+            text = normalize(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            undecodable.append(no)
+            continue
+        (texts.append(text) if text else blank.append(no))
+    if undecodable:
+        raise InvembError(f"{p}: line(s) {_lines(undecodable)} are not UTF-8 text; nothing was read")
+    if blank:
+        raise InvembError(f"{p}: line(s) {_lines(blank)} are blank (one text per line is expected; remove them)")
     if not texts:
-        raise InvembError(f"{p} holds no non-empty texts")
+        raise InvembError(f"{p} holds no texts")
+    return texts
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:10]))
+    return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+
+
+def _read_csv_texts(p: Path, raw: bytes) -> list[str]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InvembError(f"{p}: line {line} is not UTF-8 text ({e.reason}); nothing was read") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise InvembError(f"{p} is empty: expected a header row with a headline column {TEXT_COLUMNS}")
+    lower = [h.strip().lower() for h in header]
+    col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
+    if col is None:
+        raise InvembError(f"{p} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
+    texts, blank = [], []
+    for row in reader:
+        if not row:  # a blank physical line between records
+            blank.append(reader.line_num)
+            continue
+        t = normalize(row[col]) if col < len(row) else ""
+        (texts.append(t) if t else blank.append(reader.line_num))
+    if blank:
+        raise InvembError(f"{p}: line(s) {_lines(blank)} have a blank {header[col]!r} cell (one text per record "
+                          "is expected)")
+    if not texts:
+        raise InvembError(f"{p} holds no texts")
     return texts

@@ -117,13 +117,15 @@ class InvertibleEmbedder(nn.Module):
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Texts -> float32 [B,S]."""
         from tqdm.auto import tqdm
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        from invemb.text import clean_texts, length_sorted_batches
+        texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
         self.eval()
-        out = []
-        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="encode", unit="batch"):
-            batch = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-            out.append(self.encoder(**batch).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.sentence_dim), np.float32)
+        out = np.zeros((len(texts), self.sentence_dim), np.float32)
+        for rows in tqdm(length_sorted_batches(texts, batch_size), disable=not progress, desc="encode",
+                         unit="batch"):  # similar lengths together (less padding); rows written back in order
+            batch = {k: v.to(self.device) for k, v in self.tokenize([texts[r] for r in rows]).items()}
+            out[rows] = self.encoder(**batch).float().cpu().numpy()
+        return out
 
     def check_vectors(self, vectors) -> np.ndarray:
         return check_vectors(vectors, self.sentence_dim)

@@ -108,10 +108,13 @@ class OnnxEmbedder:
 
     def encode(self, texts: Sequence[str] | str, batch_size: int = 64) -> np.ndarray:
         """Texts -> float32 [B,S]."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        out = [self.sessions["encoder"].run(["sentence_embedding"], self.tokenize(texts[i:i + batch_size]))[0]
-               for i in range(0, len(texts), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.sentence_dim), np.float32)
+        from invemb.text import clean_texts, length_sorted_batches
+        texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
+        out = np.zeros((len(texts), self.sentence_dim), np.float32)
+        for rows in length_sorted_batches(texts, batch_size):  # similar lengths together; order restored
+            out[rows] = self.sessions["encoder"].run(["sentence_embedding"],
+                                                     self.tokenize([texts[r] for r in rows]))[0]
+        return out
 
     # ----------------------------------------------------------------------------------------------- vectors
     def check_vectors(self, vectors) -> np.ndarray:

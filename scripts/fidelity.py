@@ -57,7 +57,12 @@ def main(argv=None) -> int:
     ap.add_argument("--int8-limit", type=int, default=300, help="headlines of the ORT int8 vs fp32 check (0: skip)")
     ap.add_argument("--scorer", default="all-mpnet-base-v2")
     ap.add_argument("--work", default=str(REPO / "runs/fidelity"), help="export folder for the int8 check")
+    ap.add_argument("--render", default=None, help="only re-render the markdown from this fidelity JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        Path(args.out).write_text(render(res, res.get("seconds", 0.0)))
+        return 0
     import torch
     from invemb.data import load_headlines, newest_cutoff, newest_records, split_records
     from invemb.fidelity import (REPORT_ROWS, compression_study, full_evaluation, noise_study,
@@ -114,13 +119,15 @@ def main(argv=None) -> int:
         res[part].pop("_hyps", None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    res["seconds"] = time.time() - t_start
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.write_text(render(res, time.time() - t_start))
+    out.write_text(render(res, res["seconds"]))
     print(out.read_text())
     return 0
 
 
 def render(res: dict, seconds: float) -> str:
+    from invemb.fidelity import REPORT_ROWS
     val, new = res["val"], res["newest"]
     hist = res["history"][-1] if res["history"] else {}
     lines = ["# Fidelity of the shipped model", "",

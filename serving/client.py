@@ -259,7 +259,17 @@ def main(argv=None) -> int:
         p.add_argument("--max-length", type=int, default=None)
     args = ap.parse_args(argv)
     from invemb.data import read_texts
+    from invemb.limits import MAX_BATCH_SIZE, MAX_BEAM_SIZE, check_range
     try:
+        check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+        check_range("--concurrency", args.concurrency, 1, 256)
+        check_range("--retries", args.retries, 0, 100)
+        if not args.timeout > 0:
+            raise ClientError(f"--timeout must be > 0 seconds, got {args.timeout}")
+        if hasattr(args, "beam_size"):
+            check_range("--beam-size", args.beam_size, 1, MAX_BEAM_SIZE)
+        if getattr(args, "max_length", None) is not None:
+            check_range("--max-length", args.max_length, 1, 4096)
         client = TritonClient(args.url, args.timeout, args.retries, ready_timeout=min(30.0, args.timeout))
         common = dict(max_in_flight=args.concurrency, progress=not args.no_progress)
         manifest = tokenizer = None
@@ -274,7 +284,7 @@ def main(argv=None) -> int:
         elif args.command == "decode":
             try:
                 vectors = np.load(args.input, allow_pickle=False)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:
                 raise ClientError(f"cannot read {args.input} as a .npy array: {e}") from None
             _write_lines(client.decode(vectors, args.beam_size, args.max_length, args.batch_size, mode=args.mode,
                                        manifest=manifest, tokenizer=tokenizer, **common), args.out)

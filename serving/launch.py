@@ -37,6 +37,61 @@ class ServerError(RuntimeError):
     """The server could not be built, started or reached; the message carries the log tail."""
 
 
+SHM_PREFIX = "triton_python_backend_shm_region"  # the python backend's /dev/shm regions
+
+# A watchdog in its own session: when the owner process (the one that called start()) is gone -- SIGKILL, SIGTERM
+# without handler, a crash -- it kills the server's whole process group (tritonserver + python-backend stubs) and
+# removes the server's /dev/shm regions. argv: owner pid, server pgid, shm names (comma-separated).
+_REAPER = r"""
+import os, signal, sys, time
+owner, pgid, shm = int(sys.argv[1]), int(sys.argv[2]), [s for s in sys.argv[3].split(",") if s]
+while True:
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        break
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        sys.exit(0)  # the server stopped by itself / was stopped: nothing to do
+    time.sleep(0.5)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        break
+    time.sleep(3)
+for name in shm:
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
+"""
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the server: SIGKILL it when the process that started it dies (Linux prctl)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _shm_regions() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
 def _wheel_paths() -> tuple[Path, Path]:
     try:
         import pytriton
@@ -159,9 +214,11 @@ class TritonServer:
     def start(self) -> "TritonServer":
         server_dir = build_server_dir(self.server_dir_arg)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        shm_before = _shm_regions()
         self.proc = subprocess.Popen(self.command(server_dir), env=server_env(server_dir), cwd=str(server_dir),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)  # own process group: stop() signals only it
+                                     start_new_session=True,  # own process group: stop() signals only it
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self._pump = threading.Thread(target=self._copy_log, daemon=True)
         self._pump.start()
         try:
@@ -169,7 +226,15 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.shm = sorted(_shm_regions() - shm_before)  # the regions this server's models made
+        self._reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(self.proc.pid),
+                                         ",".join(self.shm)], start_new_session=True, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
+
+    def alive(self) -> bool:
+        """The server process runs and answers ready (a crashed model makes readiness false: --strict-readiness)."""
+        return self.proc is not None and self.proc.poll() is None and self.is_ready()
 
     def _copy_log(self) -> None:
         with open(self.log_file, "wb", buffering=0) as f:
@@ -219,25 +284,29 @@ class TritonServer:
         raise self._failure(f"tritonserver not ready after {self.startup_timeout:.0f} s")
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `timeout` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the server's process group, SIGKILL after `timeout` seconds; its shm regions removed."""
+        if self.proc is None:
             return
-        try:
-            pgid = os.getpgid(self.proc.pid)
-            os.killpg(pgid, signal.SIGTERM)
+        pgid = self.proc.pid  # start_new_session: the server leads its own process group (pgid == pid)
+        if self.proc.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
+                _signal_group(pgid, signal.SIGKILL)
                 self.proc.wait(10)
-            try:  # python-backend stubs are in the same group: do not leave any behind
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        except ProcessLookupError:
-            pass
+        _signal_group(pgid, signal.SIGKILL)  # python-backend stubs left in the group (also after a crash)
         if self._pump is not None:
             self._pump.join(timeout=5)
+        for name in getattr(self, "shm", []):  # a killed stub leaves its region behind
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None and reaper.poll() is None:
+            reaper.kill()
+            reaper.wait(5)
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -257,12 +326,23 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     ap.add_argument("--quiet", action="store_true", help="do not echo the server log to stdout")
     ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--no-auto-export", action="store_true",
+                    help="fail on a repository without model files instead of exporting the shipped model into it")
     args = ap.parse_args(argv)
     repo = Path(args.repo)
     if (repo / "tokenizer" / "config.pbtxt").is_file() and not (repo / "tokenizer" / "1" / "manifest.json").is_file():
-        print(f"error: {repo} holds no exported model: run `python export/to_onnx.py --checkpoint CKPT --out DIR "
-              f"--triton-repo {repo}` first", file=sys.stderr)
-        return 2
+        if args.no_auto_export:
+            print(f"error: {repo} holds no exported model: run `python export/to_onnx.py [--checkpoint CKPT] "
+                  f"--triton-repo {repo}` first", file=sys.stderr)
+            return 2
+        # the default: serve the shipped model (models/), exported into this repository first
+        import subprocess
+        root = Path(__file__).resolve().parents[1]
+        print(f"{repo} holds no exported model: exporting the shipped model into it (export/to_onnx.py)", flush=True)
+        rc = subprocess.run([sys.executable, str(root / "export/to_onnx.py"), "--out", str(root / "onnx/shipped"),
+                             "--triton-repo", str(repo)]).returncode
+        if rc != 0:
+            return rc
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_file=args.log_file, echo=not args.quiet,

@@ -65,3 +65,71 @@ def test_bad_input_exit_2(case, toy_checkpoint, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("invemb: error: ")
     assert not out.exists() and not (tmp_path / "t.txt").exists()
+
+
+BAD_ARGS = {
+    "batch_negative": (["encode", "--batch-size", "-1"], "--batch-size must be in [1,"),
+    "batch_zero": (["decode", "--batch-size", "0"], "--batch-size must be in [1,"),
+    "beam_zero": (["decode", "--beam-size", "0"], "--beam-size must be in [1,"),
+    "beam_absurd": (["roundtrip", "--beam-size", "100000"], "--beam-size must be in [1,"),
+    "beam_sizes_text": (["evaluate", "--beam-sizes", "1,x"], "--beam-sizes must be comma-separated"),
+    "limit_negative": (["evaluate", "--limit", "-5"], "--limit must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_arguments_are_one_line_errors(case, toy_checkpoint, tmp_path, capsys):
+    extra, message = BAD_ARGS[case]
+    (tmp_path / "t.txt").write_text("Oil falls\n")
+    np.save(tmp_path / "v.npy", np.zeros((1, 64), np.float32))
+    io = {"encode": ["--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "o.npy")],
+          "decode": ["--input", str(tmp_path / "v.npy"), "--output", str(tmp_path / "o.txt")],
+          "roundtrip": ["Oil falls"], "evaluate": ["--scorer", "none"]}[extra[0]]
+    assert main(extra[:1] + ["--checkpoint", str(toy_checkpoint)] + extra[1:] + io) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.txt").exists()
+
+
+@pytest.mark.parametrize("case", ["empty_npy", "huge_vector", "blank_line"])
+def test_bad_files_are_one_line_errors(case, toy_checkpoint, tmp_path, capsys):
+    ck = ["--checkpoint", str(toy_checkpoint)]
+    if case == "empty_npy":
+        (tmp_path / "v.npy").write_bytes(b"")
+        args, message = ["decode", *ck, "--input", str(tmp_path / "v.npy")], "is not a .npy array"
+    elif case == "huge_vector":
+        v = np.zeros((3, 64), np.float32)
+        v[2, 5] = 3.4e38
+        np.save(tmp_path / "v.npy", v)
+        args, message = ["decode", *ck, "--input", str(tmp_path / "v.npy")], "row(s) [2] have components beyond"
+    else:
+        (tmp_path / "t.txt").write_text("Oil falls\n\nGold up\n")
+        args = ["encode", *ck, "--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "o.npy")]
+        message = "line(s) 2 are blank"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.npy").exists()
+
+
+CONFIG_DAMAGE = {
+    "max_length_huge": (("encoder", "max_length"), 10 ** 9, "encoder.max_length must be in [3, 512]"),
+    "negative_width": (("decoder", "d_model"), -64, "decoder.d_model must be in [1,"),
+    "zero_heads": (("decoder", "n_heads"), 0, "decoder.n_heads must be in [1,"),
+    "string_number": (("decoder", "n_layers"), "2", "decoder.n_layers must be int"),
+    "unknown_top_level": ((None, "surprise"), 1, "unknown top-level key(s) ['surprise']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_DAMAGE))
+def test_absurd_checkpoint_config_values_are_one_line_errors(case, toy_checkpoint, tmp_path, capsys):
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(toy_checkpoint, ck)
+    (part, key), value, message = CONFIG_DAMAGE[case]
+    meta = json.loads((ck / "config.json").read_text())
+    (meta["invemb_model"][part] if part else meta)[key] = value
+    (ck / "config.json").write_text(json.dumps(meta))
+    assert main(["roundtrip", "--checkpoint", str(ck), "Oil falls"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

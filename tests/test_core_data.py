@@ -29,8 +29,33 @@ def test_split_is_deterministic_disjoint_90_10(data_dir):
 def test_other_formats(tmp_path):
     (tmp_path / "h.txt").write_text("  Stocks  rally\u00a0today \n\n\nStocks rally today\nOil falls\r\n")
     assert [r.text for r in load_headlines(tmp_path / "h.txt")] == ["Stocks rally today", "Oil falls"]
-    (tmp_path / "x.csv").write_text('id,headline\n1,"Fed holds, says ""wait"""\n2,\n3,Gold up\n')
+    (tmp_path / "x.csv").write_text('id,headline\n1,"Fed holds, says ""wait"""\n3,Gold up\n')
     assert read_texts(tmp_path / "x.csv") == ['Fed holds, says "wait"', "Gold up"]
+
+
+SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0c", "\x1c", "\x1d", "\x1e", "\x0b", "\r"]
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_user_text_files_keep_one_row_per_line(tmp_path, sep):
+    """A Unicode line separator inside a line stays in that line (as a space): 3 lines -> 3 texts."""
+    f = tmp_path / "t.txt"
+    f.write_bytes(f"Oil falls{sep}again\nStocks rally\r\nGold up".encode())
+    assert read_texts(f) == ["Oil falls again", "Stocks rally", "Gold up"]
+
+
+def test_user_text_files_blank_or_bad_lines_name_the_line(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("Oil falls\n\nStocks rally\n   \nGold up\n")
+    with pytest.raises(InvembError, match=r"t.txt: line\(s\) 2, 4 are blank"):
+        read_texts(f)
+    f.write_bytes(b"Oil falls\nStocks \xff rally\n")
+    with pytest.raises(InvembError, match=r"line\(s\) 2 are not UTF-8"):
+        read_texts(f)
+    c = tmp_path / "t.csv"
+    c.write_text('id,headline\n1,Oil falls\n2,\n3,"multi\nline"\n\n4,Gold\n')
+    with pytest.raises(InvembError, match=r"line\(s\) 3, 6 have a blank 'headline' cell"):
+        read_texts(c)
 
 
 def test_clear_errors(tmp_path, monkeypatch):

@@ -168,3 +168,46 @@ def test_client_rejects_bad_arguments_before_sending():
         client.decode(np.zeros((1, 4), np.float32), mode="nope")
     with pytest.raises(ClientError, match="--export"):
         client.decode(np.zeros((1, 4), np.float32), mode="client")
+
+
+OWNER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from serving.launch import TritonServer
+s = TritonServer({repo!r}, startup_timeout=120).start()
+print(s.proc.pid, ",".join(s.shm), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_server_dies_with_its_owner(tmp_path, sig):
+    """The process that started the server is killed: no server/stub process and no shm region stays behind."""
+    import signal
+    import subprocess
+    import time
+    write_add_model(tmp_path / "repo" / "add" / "1")
+    (tmp_path / "repo" / "add" / "config.pbtxt").write_text(f'name: "add"\n{ADD_CONFIG}')
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(root=str(ROOT), repo=str(tmp_path / "repo"))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        parts = owner.stdout.readline().split()
+        pgid, shm = int(parts[0]), (parts[1].split(",") if len(parts) > 1 else [])
+        assert shm, "the python backend made no /dev/shm region (nothing to check)"
+        os.killpg(pgid, 0)  # the server runs
+        owner.send_signal(getattr(signal, sig))
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+        time.sleep(1)
+        left = [n for n in os.listdir("/dev/shm") if n.startswith("triton_python_backend_shm_region")]
+        assert not [n for n in left if n in shm], left
+    finally:
+        owner.kill()

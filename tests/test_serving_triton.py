@@ -180,3 +180,47 @@ def test_graph_stepper_with_onnxruntime_equals_ort_embedder(triton_repo, referen
     v = reference["vectors"][:8]
     hyps = generate(GraphStepper(run, emb.manifest, v), emb.generation_config(beam_size=4))
     assert emb.detokenize([h.tokens for h in hyps]) == emb.decode(v, beam_size=4) == reference["texts"][:8]
+
+
+def test_an_adversarial_client_does_not_fail_good_ones(server, reference, headlines32):
+    """A client hammering the internal `encoder` and `decoder_step` models with out-of-range token ids beside good
+    `encode` clients (dynamic batching merges their requests): 0 good requests fail, every bad one gets
+    INVALID_ARGUMENT naming the problem."""
+    import threading
+    stop, bad_errors, good_failures, good_done = threading.Event(), [], [], []
+    ids = np.full((2, 6), 10 ** 6, dtype=np.int64)
+    mask = np.ones((2, 6), dtype=np.int64)
+
+    def adversary():
+        with TritonClient(server.grpc_url, timeout=60, retries=0) as c:
+            for _ in range(40):  # bounded in count and time
+                if stop.is_set():
+                    break
+                try:
+                    c.infer("encoder", {"input_ids": ids, "attention_mask": mask}, ["sentence_embedding"])
+                    bad_errors.append("accepted")
+                except ClientError as e:
+                    bad_errors.append(str(e))
+
+    def good(k):
+        with TritonClient(server.grpc_url, timeout=60) as c:
+            for i in range(6):
+                texts = headlines32[(k * 6 + i) % 28:(k * 6 + i) % 28 + 4]
+                try:
+                    got = c.encode(texts, batch_size=2, max_in_flight=2)
+                    start = headlines32.index(texts[0])
+                    np.testing.assert_allclose(got, reference["vectors"][start:start + 4], atol=1e-5, rtol=0)
+                    good_done.append(1)
+                except Exception as e:  # noqa: BLE001
+                    good_failures.append(repr(e))
+
+    threads = [threading.Thread(target=adversary)] + [threading.Thread(target=good, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join(120)
+    stop.set()
+    threads[0].join(120)
+    assert not good_failures, good_failures[:3]
+    assert len(good_done) == 18
+    assert bad_errors and all("input_ids must be in [0," in e for e in bad_errors), bad_errors[:3]

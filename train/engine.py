@@ -175,7 +175,8 @@ class PlainEngine(_Base):
     def load(self, ckpt_dir: Path, tag: str, state: dict) -> None:
         from safetensors.torch import load_model
         load_model(self.module, str(ckpt_dir / tag / "model.safetensors"), device=str(self.device))
-        self.optimizer.load_state_dict(torch.load(ckpt_dir / tag / "optimizer.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(ckpt_dir / tag / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))  # tensors + plain values: no pickle code
         self._restore_state(state)
 
     def consolidated_state_dict(self, ckpt_dir: Path, tag: str) -> dict | None:

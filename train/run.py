@@ -16,6 +16,10 @@
 The data path: --data, else $INVEMB_DATA. A run folder (--out, default runs/<config name>) receives config.yaml /
 config.json (resolved recipe), git.txt, metrics.jsonl, tensorboard/, checkpoints/, final/ (save_pretrained format),
 plots/*.png, examples.md and summary.json. Bad input fails with one line (exit 2) before any training.
+
+Trust: --resume of a DeepSpeed run folder unpickles its checkpoint files (DeepSpeed's own torch.load with
+weights_only=False); resume only run folders you made or trust. Plain-PyTorch checkpoints are safetensors + an
+optimizer state read with weights_only=True.
 """
 from __future__ import annotations
 

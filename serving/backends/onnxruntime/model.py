@@ -9,7 +9,9 @@ of the same name serves the same repository (same config keys: inputs/outputs, m
 Input and output names/dtypes come from the model config; a config that lists none is auto-completed from the
 graph (as the native backend does), so one config.pbtxt serves exports with any number of decoder layers. Requests that the dynamic batcher hands over together
 are grouped by their non-batch shapes, concatenated on axis 0, run once, and split back per request. A failing
-group gets an error response per request; the model keeps serving.
+group is retried request by request, so only the bad request fails; inputs are checked against the limits the
+exporter wrote into the graph (token ids within the vocabulary, lengths within max_length, finite floats) and a
+violation is that request's INVALID_ARGUMENT. The model keeps serving.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ def _stub_model_dir() -> Path | None:
     except OSError:
         return None
     return Path(os.fsdecode(argv[1])).parent if len(argv) > 1 and argv[1] else None
+
+
+def _invalid(message: str):
+    """An INVALID_ARGUMENT error where this Triton's python backend supports error codes, else a plain error."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
 def _param(config: dict, key: str, default: str) -> str:
@@ -97,6 +105,9 @@ class TritonPythonModel:
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"]), i.get("optional", False))
                        for i in self.config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in self.config["output"]]
+        meta = self.session.get_modelmeta().custom_metadata_map  # limits written by export/to_onnx.py
+        self.vocab_size = int(meta["invemb_vocab_size"]) if "invemb_vocab_size" in meta else None
+        self.max_length = int(meta["invemb_max_length"]) if "invemb_max_length" in meta else None
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
         missing = [n for n, _, _ in self.inputs if n not in graph_in] + [n for n, _ in self.outputs
@@ -115,7 +126,32 @@ class TritonPythonModel:
                     continue
                 raise ValueError(f"missing input {name!r}")
             feeds[name] = t.as_numpy().astype(dtype, copy=False)
+        self._check(feeds)
         return feeds
+
+    def _check(self, feeds: dict[str, np.ndarray]) -> None:
+        """Reject what would fail inside the graph (or poison a dynamic batch) as this request's bad input."""
+        ids = feeds.get("input_ids")
+        if ids is not None and self.vocab_size is not None and ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        mask = feeds.get("attention_mask")
+        if mask is not None and mask.size and not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if self.max_length is not None:
+            for name, a in feeds.items():
+                axis = 1 if name in ("input_ids", "attention_mask") else 2 if name.startswith("past_") else None
+                if axis is not None and a.ndim > axis and a.shape[axis] > self.max_length:
+                    raise ValueError(f"{name} has length {a.shape[axis]} on axis {axis}, above the model's "
+                                     f"max_length {self.max_length}")
+            past = next((a.shape[2] for n, a in feeds.items() if n.startswith("past_") and a.ndim == 4), None)
+            if past is not None and ids is not None and past + ids.shape[-1] > self.max_length:
+                raise ValueError(f"past length {past} + {ids.shape[-1]} new token(s) exceeds the model's "
+                                 f"max_length {self.max_length}")
+        for name, a in feeds.items():
+            if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+                raise ValueError(f"{name} holds NaN or Inf")
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = self.session.run([n for n, _ in self.outputs], feeds)
@@ -128,28 +164,32 @@ class TritonPythonModel:
             try:
                 feeds = self._feeds(request)
             except Exception as e:  # noqa: BLE001 - becomes this request's error status
-                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.config['name']}: {e}"))
+                responses[r] = pb_utils.InferenceResponse(error=_invalid(f"{self.config['name']}: {e}"))
                 continue
             key = tuple(sorted((n, a.shape[1:] if self.batched else a.shape) for n, a in feeds.items()))
             groups.setdefault(key if self.batched else (r,), []).append((r, feeds))
         for members in groups.values():
-            try:
-                if len(members) == 1:
-                    parts = [self._run(members[0][1])]
-                else:  # dynamic batch: one run over the concatenated requests, split back
+            if len(members) > 1:  # dynamic batch: one run over the concatenated requests, split back
+                try:
                     feeds = {n: np.concatenate([f[n] for _, f in members]) for n in members[0][1]}
                     outs = self._run(feeds)
                     sizes = np.cumsum([next(iter(f.values())).shape[0] for _, f in members])[:-1]
-                    parts = list(zip(*[np.split(o, sizes) for o in outs]))
-                for (r, _), arrays in zip(members, parts):
-                    responses[r] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a))
-                                        for (n, _), a in zip(self.outputs, arrays)])
-            except Exception as e:  # noqa: BLE001
-                msg = f"{self.config['name']}: onnxruntime failed: {str(e).splitlines()[0][:500]}"
-                for r, _ in members:
+                    for (r, _), arrays in zip(members, zip(*[np.split(o, sizes) for o in outs])):
+                        responses[r] = self._response(arrays)
+                    continue
+                except Exception:  # noqa: BLE001 - one bad request must not fail the others: run each alone
+                    pass
+            for r, feeds in members:
+                try:
+                    responses[r] = self._response(self._run(feeds))
+                except Exception as e:  # noqa: BLE001
+                    msg = f"{self.config['name']}: onnxruntime failed: {str(e).splitlines()[0][:500]}"
                     responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
         return responses
+
+    def _response(self, arrays):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a))
+                                                          for (n, _), a in zip(self.outputs, arrays)])
 
     def finalize(self):
         self.session = None
