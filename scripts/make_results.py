@@ -22,6 +22,12 @@ REPORT_ROWS = [  # the reference report's validation numbers (FinBERT encoder), 
 ]
 
 
+SHIPPED_POINTER = ("The shipped model (models/invemb-minilm-s768): **[fidelity.md](fidelity.md)** (full "
+                   "validation split, newest 30 days, noise, compression, int8, learning curve); recipe levers: "
+                   "[sweep.md](sweep.md); feature cache vs live backbone: [bench_cache.md](bench_cache.md). The "
+                   "sections below are the older `small` pipeline recipe.")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -71,6 +77,7 @@ def main() -> None:
     a = ap.parse_args()
     run = Path(a.run)
     lines = ["# Results", "", "Measured numbers only. Each section names the command and the machine.", "",
+             SHIPPED_POINTER, "",
              f"Machine: {a.machine or machine()}.", ""]
     if (run / "eval/metrics.json").is_file():
         lines += ["## Fidelity (CPU `small` recipe, the pipeline's training budget)", "", f"Command: `{a.command}`", ""]

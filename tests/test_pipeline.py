@@ -31,3 +31,25 @@ def test_pipeline_bad_data_path_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("invemb: error: data path") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_default_runs_on_the_shipped_model(data_dir, tmp_path):
+    """README line 1's job without training: the shipped model -> evaluate -> ONNX -> real Triton -> round trip;
+    the Triton texts are real reconstructions (most words of each headline come back)."""
+    out = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(out), "--eval-limit", "16", "--n-roundtrip", "4",
+            "--scorer", "none"]
+    r = subprocess.run(PIPE + args, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "models/invemb-minilm-s768" in r.stdout and not (out / "train.done").exists()
+    for stage in ("evaluate", "export", "serve"):
+        assert (out / f"{stage}.done").is_file(), stage
+    rows = json.loads((out / "serve/roundtrip.json").read_text())
+    assert len(rows) == 4
+
+    def words(t):
+        return set(t.lower().replace(":", " ").replace(",", " ").split())
+    overlap = [len(words(x["original"]) & words(x["roundtrip"])) / len(words(x["original"])) for x in rows]
+    assert sum(overlap) / len(overlap) > 0.5, rows
+    m = json.loads((out / "eval/metrics.json").read_text())
+    assert m["n"] == 16 and m["beam4"]["bleu"] > 20, m["beam4"]
