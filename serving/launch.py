@@ -37,7 +37,7 @@ class ServerError(RuntimeError):
     """The server could not be built, started or reached; the message carries the log tail."""
 
 
-SHM_PREFIX = "triton_python_backend_shm_region"  # the python backend's /dev/shm regions
+SHM_MARK = "_backend_shm_region_"  # python-based backends' /dev/shm regions: triton_<backend>_backend_shm_region_*
 
 # A watchdog in its own session: when the owner process (the one that called start()) is gone -- SIGKILL, SIGTERM
 # without handler, a crash -- it kills the server's whole process group (tritonserver + python-backend stubs) and
@@ -87,7 +87,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _shm_regions() -> set[str]:
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
+        return {n for n in os.listdir("/dev/shm") if n.startswith("triton_") and SHM_MARK in n}
     except OSError:
         return set()
 
