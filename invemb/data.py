@@ -89,6 +89,15 @@ def _read_text(path: Path) -> str:
         raise InvembError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _text_column(path: Path, header: list[str]) -> int:
+    """Index of the headline-like column of a CSV header (TEXT_COLUMNS, case-insensitive), else an InvembError."""
+    lower = [h.strip().lower() for h in header]
+    col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
+    if col is None:
+        raise InvembError(f"{path} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
+    return col
+
+
 def read_file(path: Path) -> list[Record]:
     """Headlines of one .csv (a headline-like column) or .txt (one per line) file, normalised, empties dropped."""
     text = _read_text(path)
@@ -97,10 +106,8 @@ def read_file(path: Path) -> list[Record]:
         header = next(reader, None)
         if not header:
             raise InvembError(f"{path} is empty: {DATA_HELP}")
+        col = _text_column(path, header)
         lower = [h.strip().lower() for h in header]
-        col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
-        if col is None:
-            raise InvembError(f"{path} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
         tcol = next((lower.index(c) for c in TIME_COLUMNS if c in lower), None)
         out = []
         for r in reader:
@@ -207,10 +214,7 @@ def _read_csv_texts(p: Path, raw: bytes) -> list[str]:
     header = next(reader, None)
     if not header:
         raise InvembError(f"{p} is empty: expected a header row with a headline column {TEXT_COLUMNS}")
-    lower = [h.strip().lower() for h in header]
-    col = next((lower.index(c) for c in TEXT_COLUMNS if c in lower), None)
-    if col is None:
-        raise InvembError(f"{p} has no headline column (looked for {TEXT_COLUMNS}, found {header})")
+    col = _text_column(p, header)
     texts, blank = [], []
     for row in reader:
         if not row:  # a blank physical line between records

@@ -62,3 +62,10 @@ def toy_model(headlines32):
 @pytest.fixture(scope="session")
 def toy_checkpoint(toy_model, tmp_path_factory) -> Path:
     return toy_model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "toy")
+
+
+@pytest.fixture(scope="session")
+def every_lever_toy(headlines32):
+    """The shipped design on a toy backbone, memorising headlines32[:16] (shared by the core and export tests)."""
+    from test_core_invert import train_every_lever
+    return train_every_lever(headlines32[:16])

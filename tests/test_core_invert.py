@@ -154,19 +154,23 @@ def test_sampled_softmax_candidates_hold_every_target(headlines32):
     assert model(**batch, sampled_negatives=64)["logits"].shape[-1] == len(ids)  # evaluation: full softmax
 
 
-def test_toy_with_every_lever_memorises(headlines32):
-    """multi-query pooling + chunk memory + compact vocabulary + sampled softmax: still memorises 16 headlines."""
-    texts = headlines32[:16]
+def train_every_lever(texts, steps: int = 150):
+    """A toy with multi-query pooling + chunk memory + compact vocabulary, trained with the sampled softmax."""
     model, _ = _toy(output_vocab=1, texts=texts)
     batch = model.tokenize(texts)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    for _ in range(150):
+    for _ in range(steps):
         loss = model(**batch, sampled_negatives=256)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_toy_with_every_lever_memorises(every_lever_toy, headlines32):
+    """multi-query pooling + chunk memory + compact vocabulary + sampled softmax: still memorises 16 headlines."""
+    model, texts = every_lever_toy, headlines32[:16]
     assert model.decode(model.encode(texts), beam_size=2) == model.reference_texts(texts)
 
 
