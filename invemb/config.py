@@ -125,6 +125,9 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up of the cosine schedule
     init_from: str = ""  # start from the weights of a model folder (e.g. the shipped model), fresh optimizer
     holdout_newest_days: int = 0  # leave the newest N days of headlines (Time column) out of training
+    word_dropout: float = 0.0  # share of decoder input tokens (after [CLS]) replaced by [MASK] during training
+    augment_crops: int = 0  # word-span crops of each training headline added as training texts (invemb.data)
+    crop_min_words: int = 3  # shortest crop, in words
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
@@ -147,6 +150,10 @@ class TrainConfig:
             raise InvembError("batch_size and grad_accum must be >= 1")
         if cfg.lr_schedule not in ("plateau", "cosine"):
             raise InvembError(f"lr_schedule must be plateau or cosine, got {cfg.lr_schedule!r}")
+        if not 0.0 <= cfg.word_dropout < 1.0:
+            raise InvembError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
+        if cfg.augment_crops < 0 or cfg.crop_min_words < 1:
+            raise InvembError("augment_crops must be >= 0 and crop_min_words >= 1")
         if cfg.feature_cache and not cfg.model.encoder.freeze_backbone:
             raise InvembError("feature_cache needs model.encoder.freeze_backbone: true (a trained backbone changes)")
         return cfg

@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from invemb.errors import InvembError
 
@@ -161,6 +162,28 @@ def newest_records(records: list[Record], days: int = 30) -> list[Record]:
     """Records of the newest `days` days (by their Time column): held out of training by `holdout_newest_days`."""
     cut = newest_cutoff(records, days)
     return [r for r in records if cut is not None and r.date is not None and r.date >= cut]
+
+
+def word_crops(texts: Sequence[str], per_text: int, seed: int = 0, min_words: int = 3,
+               exclude: Iterable[str] = ()) -> list[str]:
+    """Training-data augmentation: `per_text` random contiguous word spans of each text (min_words .. all but one
+    word; texts with fewer than min_words + 1 words give none), deduplicated, never a text of `texts` or `exclude`
+    (e.g. the validation headlines). "fed holds rates steady in june" -> "rates steady in", "fed holds rates"...
+    Seeded: same texts + seed -> same crops, in the same order."""
+    rng = random.Random(seed)
+    banned = set(texts) | set(exclude)
+    out: list[str] = []
+    for text in texts:
+        words = text.split()
+        n = len(words)
+        for _ in range(per_text if n > min_words else 0):
+            k = rng.randint(min_words, n - 1)  # span length in words
+            start = rng.randint(0, n - k)
+            crop = " ".join(words[start:start + k])
+            if crop not in banned:
+                banned.add(crop)
+                out.append(crop)
+    return out
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

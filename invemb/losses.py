@@ -142,9 +142,11 @@ class Objective(nn.Module):
     """The training loss around an InvertibleEmbedder (the only registered submodule: `model`)."""
 
     def __init__(self, model: nn.Module, noise_sigma: float = 0.0, sim_loss_weight: float = 0.0,
-                 sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0):
+                 sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0,
+                 word_dropout: float = 0.0):
         super().__init__()
         self.model = model
+        self.word_dropout = word_dropout
         self.sampled_negatives = sampled_negatives
         self.noise_sigma, self.sim_loss_weight = noise_sigma, sim_loss_weight
         if sampled_negatives and sim_loss_weight > 0:
@@ -165,7 +167,8 @@ class Objective(nn.Module):
         if self.training:
             vec = add_vector_noise(vec, self.noise_sigma)
         out = self.model(input_ids, attention_mask, sentence_embedding=vec,
-                         sampled_negatives=self.sampled_negatives if self.training else 0)
+                         sampled_negatives=self.sampled_negatives if self.training else 0,
+                         word_dropout=self.word_dropout)
         loss, zero = out["loss"], out["loss"].detach() * 0
         out["ce"], out["sim"], out["para"] = out["loss"].detach(), zero, zero
         if self.sim_loss_weight > 0 and self.training:

@@ -95,14 +95,21 @@ class InvertibleEmbedder(nn.Module):
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 sentence_embedding: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, sampled_negatives: int = 0) -> dict[str, torch.Tensor]:
+                hidden_states: torch.Tensor | None = None, sampled_negatives: int = 0,
+                word_dropout: float = 0.0) -> dict[str, torch.Tensor]:
         """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100), in the decoder's
         output ids (compact ids for a compact vocabulary). hidden_states [B,T,H]: cached backbone states.
         sampled_negatives > 0 (training mode only): a sampled softmax over the batch's targets + that many random
-        pieces; `logits`/`labels` are then over those candidates (evaluation always uses the full softmax)."""
+        pieces; `logits`/`labels` are then over those candidates (evaluation always uses the full softmax).
+        word_dropout > 0 (training mode only): that share of decoder inputs after [CLS] becomes [MASK], so the next
+        piece must come from the vector more often than from the previous pieces (labels are unchanged)."""
         if sentence_embedding is None:
             sentence_embedding = self.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         dec_in = input_ids[:, :-1]  # [B,T-1]
+        if word_dropout > 0 and self.training:
+            drop = torch.rand(dec_in.shape, device=dec_in.device) < word_dropout  # [B,T-1]
+            drop[:, 0] = False  # [CLS] stays: it starts every search
+            dec_in = dec_in.masked_fill(drop, self.tokenizer.mask_token_id)
         labels = self.decoder.targets(input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE))  # [B,T-1]
         if sampled_negatives and self.training and hasattr(self.decoder, "sampled_logits"):
             # logits over the batch's candidate pieces [B,T-1,C]; labels become positions among them

@@ -3,6 +3,9 @@ cache, then results/sweep.md (+ .json, curves PNG) compares validation top-1 at 
 
     python scripts/sweep.py --data ../shared/data/financial-news-headlines --minutes 12 --arms sampled4096,full
     python scripts/sweep.py --report-only --arms sampled4096,full        # re-read runs/sweep/<arm>/ and report
+    python scripts/sweep.py --data ../shared/data/financial-news-headlines --minutes 11 \
+        --arms continue,crops2,word-drop0.15 --root runs/sweep2 --out results/sweep_continue.md \
+        init_from=models/invemb-minilm-s768 lr=5.0e-4 warmup_steps=100 max_steps=6000 decode_subset=128 eval_every=200
 
 Arms are overrides of train/configs/minilm-mq16.yaml (one lever each); add one in ARMS. Run nothing else beside
 a sweep: a busy neighbour slows a 2-core run several-fold and the comparison with it.
@@ -26,6 +29,10 @@ ARMS = {  # name -> recipe overrides (the base recipe is the shipped model's)
     "full-vocab": ["compact_vocab=false"],
     "no-bucketing": ["bucket_batches=false"],
     "lr3e-3": ["lr=3.0e-3"],
+    # round 2 (continuing the shipped model, which overfits: train loss 0.26 vs val 1.47 at step 4000)
+    "continue": [],
+    "crops2": ["augment_crops=2"],
+    "word-drop0.15": ["word_dropout=0.15"],
     "d384x4": ["model.decoder.d_model=384", "model.decoder.n_layers=4", "model.decoder.n_heads=6",
                "model.decoder.d_ff=1536"],
 }

@@ -78,3 +78,17 @@ def test_clear_errors(tmp_path, monkeypatch):
     assert len(split_records(load_headlines(None)).val) == 1
     with pytest.raises(InvembError, match="too few"):
         split_records(load_headlines(tmp_path / "h.txt")[:1])
+
+
+def test_word_crops_are_seeded_contiguous_spans_never_a_given_text():
+    from invemb.data import word_crops
+    texts = ["fed holds rates steady in june as inflation cools", "oil falls", "stocks rally on trade hopes"]
+    crops = word_crops(texts, 3, seed=1, min_words=3, exclude=["holds rates steady"])
+    assert crops == word_crops(texts, 3, seed=1, min_words=3, exclude=["holds rates steady"])  # seeded
+    assert crops and len(set(crops)) == len(crops)
+    for c in crops:
+        words = c.split()
+        assert len(words) >= 3 and c not in texts and c != "holds rates steady"
+        assert any(f" {c} " in f" {t} " and len(words) < len(t.split()) for t in texts)  # a proper span
+    assert not any(c in "oil falls" for c in crops)  # too short to crop
+    assert word_crops(texts, 0) == []

@@ -113,3 +113,24 @@ def test_paraphrase_file_errors(tmp_path):
     bad.write_text('{"text": "a"}\n')
     with pytest.raises(InvembError, match="bad.jsonl:1"):
         load_paraphrases(bad)
+
+
+def test_word_dropout_masks_decoder_inputs_in_training_only(toy, monkeypatch):
+    seen = []
+    real = toy.decoder.forward
+    monkeypatch.setattr(toy.decoder, "forward", lambda v, ids: seen.append(ids.clone()) or real(v, ids))
+    batch = toy.tokenize(TEXTS * 8)  # 16 rows
+    obj = Objective(toy, word_dropout=0.5).train()
+    torch.manual_seed(0)
+    obj(**batch)
+    dec_in, real_in = seen[-1], batch["input_ids"][:, :-1]
+    masked = dec_in == toy.tokenizer.mask_token_id
+    assert torch.equal(dec_in[:, 0], real_in[:, 0])  # [CLS] is never dropped
+    assert 0.3 < masked[:, 1:].float().mean() < 0.7  # about half of the others
+    assert torch.equal(dec_in[~masked], real_in[~masked])  # the rest unchanged
+    obj.eval()
+    obj(**batch)
+    assert torch.equal(seen[-1], real_in)  # evaluation sees the real inputs
+    with pytest.raises(InvembError, match="word_dropout"):
+        from invemb.config import TrainConfig
+        TrainConfig.from_dict({"preset": "toy", "word_dropout": 1.0})

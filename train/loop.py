@@ -86,7 +86,7 @@ class Trainer:
         self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
-        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax)
+        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout)
         if self.ds_config is not None:
             self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
         else:

@@ -164,6 +164,12 @@ def main(argv=None) -> int:
                 raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
         vocab_ids = prepare_model_config(cfg, train)
         cache_texts = [r.text for r in split.train + split.val]  # the feature cache holds the whole data set
+        if cfg.augment_crops:  # word-span crops of the training headlines (never a validation/held-out text)
+            from invemb.data import word_crops
+            crops = word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=cache_texts)
+            if rank == 0:
+                print(f"augment_crops: {len(crops)} crops of {len(train)} training headlines", flush=True)
+            train, cache_texts = train + crops, cache_texts + crops
         stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
         resume = check_resume(out, args.resume, cfg, world, stage)
     except InvembError as e:
