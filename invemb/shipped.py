@@ -13,7 +13,8 @@ MODEL_ENV = "INVEMB_MODEL"
 
 
 def models_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "models"
+    from invemb.paths import checkout_root
+    return checkout_root() / "models"
 
 
 def default_model_path() -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from invemb.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "train" / "run.py"
@@ -33,12 +34,6 @@ def env(**extra) -> dict:
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
              **extra)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list, ranks: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,16 +1,14 @@
-"""scripts/make_paraphrases.py: JSONL records readable by invemb.losses.load_paraphrases, resumable output.
+"""scripts/make_paraphrases.py (invemb.training.paraphrases): JSONL records readable by invemb.losses.load_paraphrases, resumable output.
 
 A tiny random causal LM (MiniLM tokenizer, no chat template) stands in for SmolLM2 / T5 to keep this fast."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from _train_fixtures import REPO, write_headlines
+from _train_fixtures import write_headlines
 
-sys.path.insert(0, str(REPO))
-from scripts import make_paraphrases  # noqa: E402
+from invemb.training import paraphrases as make_paraphrases
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import pytest
 import torch
 from _train_fixtures import FAST, REPO, RUN, TOY, env, final_state, launch, records, write_headlines
 
-sys.path.insert(0, str(REPO))
-from train import run as train_run  # noqa: E402
+from invemb.training import run as train_run
 
 BERTSCORE = ["bertscore_subset=4", "bertscore_model=all-MiniLM-L6-v2"]
 

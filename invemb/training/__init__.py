@@ -1,1 +1,2 @@
-"""Training helpers that live in the installed package (the loop itself is driven by train/run.py)."""
+"""Training: `train/run.py` (invemb.training.run) drives the engines (plain PyTorch / DeepSpeed), the loop, the
+run outputs; the frozen backbone's feature cache, shipping a run to models/, paraphrase generation."""

@@ -10,28 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch
 
 from invemb.config import TrainConfig
 from invemb.errors import InvembError
+from invemb.paths import resolve_path
 
 STATE_FILE = "invemb_state.json"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment; (0, 0, 1) for a plain process."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
-
-
-def resolve_path(path: str) -> Path:
-    """A config-relative path: absolute, else relative to the working directory, else to the repository root."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or p.exists() else REPO / p
 
 
 def bf16_available() -> bool:
@@ -98,7 +91,8 @@ def _optimizer(module: torch.nn.Module, cfg: TrainConfig):
     return opt, sched
 
 
-class _Base:
+class EngineBase:
+    """What both engines share: the learning rate, the plateau scheduler, collectives and the loop-state file."""
     rank, world, stage = 0, 1, 0
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -119,11 +113,13 @@ class _Base:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+    def all_sum(self, fields: dict[str, float]) -> dict[str, float]:
+        """Each named value summed over the ranks (one all-reduce of a float64 vector in the dict's key order:
+        every rank builds the dict the same way); the names come back with their sums."""
+        t = torch.tensor(list(fields.values()), dtype=torch.float64)
         if self.world > 1:
             torch.distributed.all_reduce(t)
-        return t.tolist()
+        return dict(zip(fields, t.tolist()))
 
     def _write_state(self, ckpt_dir: Path, tag: str, state: dict) -> None:
         if self.rank == 0:
@@ -139,7 +135,7 @@ class _Base:
         self.set_lr(state["lr"])
 
 
-class PlainEngine(_Base):
+class PlainEngine(EngineBase):
     """One process: torch AdamW + grad clipping + accumulation; bf16 autocast on a GPU that has it."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainConfig):
@@ -187,7 +183,7 @@ class PlainEngine(_Base):
         return self.module.model
 
 
-class DeepSpeedEngine(_Base):
+class DeepSpeedEngine(EngineBase):
     """deepspeed.initialize around the client AdamW; the plateau scheduler stays outside (stepped on validation)."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, model_factory):
@@ -254,8 +250,7 @@ def init_distributed() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from invemb.util import free_port
+        os.environ["MASTER_PORT"] = str(free_port())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)

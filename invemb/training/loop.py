@@ -1,4 +1,5 @@
-"""The training loop behind train/run.py: deterministic data order, validation, checkpoints, final export.
+"""The training loop behind train/run.py (invemb.training.run): deterministic data order, validation,
+checkpoints, final export.
 
 Data order: epoch e shuffles the training rows with random.Random(seed + e); global batch i (batch_size rows) is
 split across ranks, rank r taking rows [r*micro, (r+1)*micro); an optimizer step consumes grad_accum global
@@ -12,18 +13,45 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from train.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.config import TrainConfig
 from invemb.metrics import TopKAccumulator
-from train.logging_utils import RunLogger, examples_table, git_hash, make_plots, read_metrics
+from invemb.paths import resolve_path
+from invemb.text import IGNORE
+from invemb.training.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
+from invemb.training.run_outputs import RunLogger, examples_table, git_hash, make_plots, read_metrics
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
 MAX_PARAPHRASES = 5
+
+
+def accuracy_fields(acc: TopKAccumulator) -> dict[str, float]:
+    """Top-k hit counts and the scored-token count as named fields ("top1_hits", ..., "scored_tokens")."""
+    return {**{f"top{k}_hits": float(h) for k, h in zip(acc.ks, acc.hits)}, "scored_tokens": float(acc.total)}
+
+
+@dataclass
+class TrainWindow:
+    """Training outputs between two log lines, summed over micro-batches (then over ranks by `sums`)."""
+    t0: float = field(default_factory=time.time)  # wall clock of the window's start (reset after val / saves)
+    micro_batches: int = 0
+    loss: float = 0.0
+    ce: float = 0.0
+    sim: float = 0.0
+    para: float = 0.0
+    tokens: int = 0  # decoder input tokens (labels + the [CLS] of each row)
+    samples: int = 0
+    acc: TopKAccumulator = field(default_factory=lambda: TopKAccumulator((1, 5)))
+
+    def sums(self) -> dict[str, float]:
+        """The summable fields by name (what `EngineBase.all_sum` reduces over ranks)."""
+        return {"micro_batches": self.micro_batches, "loss": self.loss, "ce": self.ce, "sim": self.sim,
+                "para": self.para, "tokens": self.tokens, "samples": self.samples, **accuracy_fields(self.acc)}
 
 
 def _seed(*parts: int) -> None:
@@ -63,7 +91,6 @@ class Trainer:
                 (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         torch.manual_seed(cfg.seed)
         if cfg.init_from:  # continue from a model folder (the shipped model): weights, compact vocabulary
-            from train.engine import resolve_path
             model = InvertibleEmbedder.from_pretrained(resolve_path(cfg.init_from))
             model.config = cfg.model  # the recipe's (equal up to dropout-like settings, checked by run.py)
         else:
@@ -125,7 +152,6 @@ class Trainer:
     def _feature_cache(self, model):
         """Open (rank 0 builds it first if missing) the frozen backbone's token-state cache of self.cache_texts."""
         from invemb.training.features import FeatureCache
-        from train.engine import resolve_path
         enc = self.cfg.model.encoder
         args = (resolve_path(self.cfg.feature_cache), model.encoder, model.tokenizer, self.cache_texts,
                 enc.model_name, enc.max_length)
@@ -204,7 +230,7 @@ class Trainer:
         stop_at = self.args.stop_after_steps
         bar = tqdm(total=self.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
         self.t_start, self.cpu_start = time.time(), time.process_time()
-        window = self._new_window()
+        window = TrainWindow()
         self._train(True)
         while self.step < self.total and self.epoch < cfg.epochs:
             batches = self._epoch_batches(self.epoch)
@@ -224,14 +250,14 @@ class Trainer:
                 epoch_end, last = bi + 1 == len(batches), self.step >= self.total or out_of_time
                 if self.step % cfg.log_every == 0 or last:
                     self._log_train(window, bar)
-                    window = self._new_window()
+                    window = TrainWindow()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or epoch_end or last:
                     self._validate(bar)
-                    window["t0"] = time.time()
+                    window.t0 = time.time()
                 position = (self.epoch + 1, 0) if epoch_end else (self.epoch, bi + 1)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or epoch_end or last or self.step == stop_at:
                     self._save(*position)
-                    window["t0"] = time.time()
+                    window.t0 = time.time()
                 if self.step == stop_at:
                     bar.close()
                     if self.main:
@@ -240,41 +266,38 @@ class Trainer:
                     return
                 if last:
                     break
-            else:
+            else:  # the epoch's batches ran out without a `break`: next epoch, from its first batch
                 self.epoch, self.batch_pos = self.epoch + 1, 0
                 continue
-            break
+            break  # the inner loop broke (last step, out of time): leave the epoch loop too
         bar.close()
         self._finish()
 
     def _train(self, mode: bool) -> None:
         (self.eng.engine if isinstance(self.eng, DeepSpeedEngine) else self.eng.module).train(mode)
 
-    def _new_window(self) -> dict:
-        return {"t0": time.time(), "n": 0, "loss": 0.0, "ce": 0.0, "sim": 0.0, "para": 0.0, "tokens": 0,
-                "samples": 0, "acc": TopKAccumulator((1, 5))}
-
-    def _accumulate(self, w: dict, out: dict) -> None:
-        w["n"] += 1
-        for k in ("loss", "ce", "sim", "para"):
-            w[k] += float(out[k].detach())
-        labels = out["labels"]
-        w["tokens"] += int((labels != -100).sum()) + labels.shape[0]  # + the [CLS] input of each row
-        w["samples"] += labels.shape[0]
+    def _accumulate(self, w: TrainWindow, out: dict) -> None:
+        w.micro_batches += 1
+        w.loss += float(out["loss"].detach())
+        w.ce += float(out["ce"].detach())
+        w.sim += float(out["sim"].detach())
+        w.para += float(out["para"].detach())
+        labels = out["labels"]  # [b,T-1]
+        w.tokens += int((labels != IGNORE).sum()) + labels.shape[0]  # + the [CLS] input of each row
+        w.samples += labels.shape[0]
         rows = self.cfg.train_acc_rows or labels.shape[0]  # topk over the vocabulary is not free
         with torch.no_grad():
-            w["acc"].update(out["logits"][:rows].detach(), labels[:rows])
+            w.acc.update(out["logits"][:rows].detach(), labels[:rows])
 
-    def _log_train(self, w: dict, bar) -> None:
-        acc = w["acc"]
-        sums = self.eng.all_sum([w["n"], w["loss"], w["ce"], w["sim"], w["para"], w["tokens"], w["samples"],
-                                 *acc.hits.tolist(), acc.total])
-        n, dt = max(1.0, sums[0]), max(1e-9, time.time() - w["t0"])
-        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": sums[1] / n, "ce": sums[2] / n,
-               "sim": sums[3] / n, "para": sums[4] / n, "lr": self.eng.lr,
-               "top1": sums[7] / max(1.0, sums[9]), "top5": sums[8] / max(1.0, sums[9]),
-               "tokens_per_s": sums[5] / dt, "samples_per_s": sums[6] / dt, "elapsed_s": time.time() - self.t_start,
-               **self._time_totals()}
+    def _log_train(self, w: TrainWindow, bar) -> None:
+        s = self.eng.all_sum(w.sums())
+        n, dt = max(1.0, s["micro_batches"]), max(1e-9, time.time() - w.t0)
+        scored = max(1.0, s["scored_tokens"])
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": s["loss"] / n, "ce": s["ce"] / n,
+               "sim": s["sim"] / n, "para": s["para"] / n, "lr": self.eng.lr,
+               "top1": s["top1_hits"] / scored, "top5": s["top5_hits"] / scored,
+               "tokens_per_s": s["tokens"] / dt, "samples_per_s": s["samples"] / dt,
+               "elapsed_s": time.time() - self.t_start, **self._time_totals()}
         self.logger.log(rec)
         if self.main:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['top1']:.3f}", lr=f"{rec['lr']:.1e}",
@@ -294,10 +317,11 @@ class Trainer:
                                             getattr(self, "val_cache_rows", None)))
             if local:  # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
                 acc.update(out["logits"].float(), out["labels"])
-                loss_sum += float(out["ce"]) * int((out["labels"] != -100).sum())
-        s = eng.all_sum([loss_sum, *acc.hits.tolist(), acc.total])
-        rec = {"kind": "val", "step": self.step, "epoch": self.epoch, "val_loss": s[0] / max(1.0, s[3]),
-               "val_top1": s[1] / max(1.0, s[3]), "val_top5": s[2] / max(1.0, s[3]),
+                loss_sum += float(out["ce"]) * int((out["labels"] != IGNORE).sum())
+        s = eng.all_sum({"loss_sum": loss_sum, **accuracy_fields(acc)})
+        scored = max(1.0, s["scored_tokens"])
+        rec = {"kind": "val", "step": self.step, "epoch": self.epoch, "val_loss": s["loss_sum"] / scored,
+               "val_top1": s["top1_hits"] / scored, "val_top5": s["top5_hits"] / scored,
                **self._time_totals()}
         if cfg.bertscore_subset > 0:
             rec.update(self._bertscore(cfg.bertscore_subset))

@@ -1,11 +1,11 @@
-"""Rank-0 run outputs: metrics.jsonl + TensorBoard scalars, curve plots (PNG), reconstruction-example tables."""
+"""What a training run writes on rank 0: metrics.jsonl + TensorBoard scalars (RunLogger), curve plots (PNG),
+the reconstruction-example table (examples.md) and the git hash of the code (git.txt, summary.json)."""
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 # file, title, (train record kind, key), (validation record kind, key)
 CURVES = (("loss.png", "cross-entropy loss", ("train", "ce"), ("val", "val_loss")),
           ("accuracy.png", "token accuracy (teacher-forced top-1)", ("train", "top1"), ("val", "val_top1")),
@@ -15,9 +15,12 @@ CURVES = (("loss.png", "cross-entropy loss", ("train", "ce"), ("val", "val_loss"
 
 
 def git_hash() -> str:
+    """HEAD of the checkout holding invemb (+ "-dirty" with uncommitted changes to tracked files), or "unknown"."""
+    from invemb.paths import checkout_root
+    repo = checkout_root()
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

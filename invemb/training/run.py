@@ -1,0 +1,184 @@
+"""Train an InvertibleEmbedder from a YAML recipe: plain PyTorch (one process) or DeepSpeed ZeRO 0-3.
+
+    # one process, plain PyTorch (configs without deepspeed_config), seconds on CPU:
+    python train/run.py --config train/configs/toy.yaml --data ../shared/data/financial-news-headlines
+    # the CPU pipeline recipe (MiniLM frozen, ~10 min on 2 cores):
+    python train/run.py --config train/configs/small.yaml --out runs/small
+    # DeepSpeed, 2 ranks (GPUs, or gloo CPU ranks on a machine without one), ZeRO-2 (bf16 where supported):
+    deepspeed --num_gpus 2 train/run.py --config train/configs/toy.yaml deepspeed_config=train/ds_config/zero2.json
+    deepspeed --num_gpus 8 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768
+    # (port 29500 taken by another job? add --master_port 29511 after --num_gpus)
+    # continue a killed run from its latest checkpoint (same data order, same world size):
+    deepspeed --num_gpus 2 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768 --resume
+    # overrides: key=value (YAML values), model.<encoder|decoder>.<key>=value for the model
+    python train/run.py --config train/configs/toy.yaml max_steps=20 model.decoder.n_layers=1
+
+The data path: --data, else $INVEMB_DATA. A run folder (--out, default runs/<config name>) receives config.yaml /
+config.json (resolved recipe), git.txt, metrics.jsonl, tensorboard/, checkpoints/, final/ (save_pretrained format),
+plots/*.png, examples.md and summary.json. Bad input fails with one line (exit 2) before any training.
+
+Trust: --resume of a DeepSpeed run folder unpickles its checkpoint files (DeepSpeed's own torch.load with
+weights_only=False); resume only run folders you made or trust. Plain-PyTorch checkpoints are safetensors + an
+optimizer state read with weights_only=True.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+# Nothing here imports torch at module load: main() sets OMP_NUM_THREADS for DeepSpeed ranks first.
+from invemb.config import TrainConfig
+from invemb.errors import InvembError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="recipe YAML (train/configs/*.yaml)")
+    ap.add_argument("--data", default=None, help="headlines folder/CSV/TXT (default: $INVEMB_DATA)")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--stop-after-steps", type=int, default=0,
+                    help="debug: checkpoint and exit after this many optimizer steps (simulates a kill)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    ap.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    return ap.parse_intermixed_args(argv)
+
+
+def load_config(path: str, overrides: list[str]) -> TrainConfig:
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise InvembError(f"config {path!r} does not exist (see train/configs/)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InvembError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InvembError(f"config {p} must be a mapping of recipe keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvembError(f"override {item!r} must look like key=value")
+        node, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InvembError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value else ""
+    return TrainConfig.from_dict(raw)
+
+
+def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: int):
+    """Validate the run folder against the request; returns (tag, state) to resume from, or None."""
+    from invemb.training.engine import read_state
+    found = read_state(out / "checkpoints")
+    if not resume:
+        if found:
+            raise InvembError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
+        return None
+    if not found:
+        raise InvembError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    diffs = [f"{part}.{k}: {v!r} -> {cfg.model.to_dict()[part].get(k)!r}"
+             for part in ("encoder", "decoder") for k, v in old.get("model", {}).get(part, {}).items()
+             if cfg.model.to_dict()[part].get(k) != v]
+    if diffs or not old:
+        detail = "; ".join(diffs) or f"no config.json in {out}"
+        raise InvembError(f"cannot resume {out}: its checkpoint has a different model config ({detail})")
+    state = found[1]
+    for key, now in (("world_size", world), ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum),
+                     ("seed", cfg.seed), ("engine", "deepspeed" if cfg.deepspeed_config else "plain"),
+                     ("zero_stage", stage)):
+        if state.get(key) != now:
+            raise InvembError(f"cannot resume {out}: {key} was {state.get(key)!r}, now {now!r} (the data order and "
+                              "ZeRO shards depend on it; start a new --out or consolidate the weights first)")
+    return found
+
+
+def prepare_model_config(cfg: TrainConfig, train: list[str]):
+    """Settle what the recipe leaves to the data: the compact vocabulary's size (returns its ids, or None), and the
+    model config of `init_from` (which must agree with the recipe's)."""
+    from invemb.config import ModelConfig
+    if cfg.init_from:
+        from invemb.model import read_checkpoint_config
+        from invemb.paths import resolve_path
+        init = ModelConfig.from_dict(read_checkpoint_config(resolve_path(cfg.init_from))["invemb_model"])
+        cfg.model.decoder.output_vocab = init.decoder.output_vocab if cfg.compact_vocab else 0
+        a, b = cfg.model.to_dict(), init.to_dict()
+        diffs = [f"{part}.{k}: {b[part][k]!r} (init_from) vs {a[part][k]!r} (recipe)"
+                 for part in ("encoder", "decoder") for k in a[part] if a[part][k] != b[part].get(k)]
+        if diffs:
+            raise InvembError(f"init_from {cfg.init_from}: model config differs from the recipe: {'; '.join(diffs)}")
+        return None  # the compact vocabulary comes with the weights
+    if not cfg.compact_vocab:
+        return None
+    from invemb.encoder import load_tokenizer
+    from invemb.vocab import compact_vocab_ids
+    tok = load_tokenizer(cfg.model.encoder.model_name)
+    ids = compact_vocab_ids(tok, tok(train, truncation=True, max_length=cfg.model.encoder.max_length)["input_ids"])
+    cfg.model.decoder.output_vocab = len(ids)
+    return ids
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    if world > 1 and "OMP_NUM_THREADS" not in env:  # ranks sharing the cores: no thread oversubscription
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local_world))
+    from invemb.training.engine import load_ds_config  # imports torch (after OMP_NUM_THREADS is set)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out or f"runs/{Path(args.config).stem}")
+        ds_config = load_ds_config(cfg, world) if cfg.deepspeed_config else None
+        if ds_config is not None and importlib.util.find_spec("deepspeed") is None:
+            raise InvembError("deepspeed_config is set but deepspeed is not installed (pip install 'invemb[train]'); "
+                              "or run plain PyTorch with deepspeed_config=")
+        if world > 1 and ds_config is None:
+            raise InvembError(f"{world} processes need a deepspeed_config (plain PyTorch mode is one process)")
+        if cfg.batch_size % world:
+            raise InvembError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
+        if cfg.max_steps < 0 or cfg.epochs < 1:
+            raise InvembError("epochs must be >= 1 and max_steps >= 0")
+        from invemb.data import load_split, newest_records
+        split = load_split(args.data, cfg.val_fraction, cfg.seed)
+        held = {r.text for r in newest_records(split.train + split.val, cfg.holdout_newest_days)} \
+            if cfg.holdout_newest_days else set()
+        train = [r.text for r in split.train if r.text not in held][:cfg.train_limit or None]
+        val = [r.text for r in split.val][:cfg.val_limit or None]
+        if len(train) < cfg.batch_size * cfg.grad_accum:
+            raise InvembError(f"{len(train)} training headline(s): fewer than one optimizer step "
+                              f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
+        paraphrases = None
+        if cfg.paraphrase_file:
+            from invemb.losses import load_paraphrases
+            from invemb.paths import resolve_path
+            paraphrases = load_paraphrases(resolve_path(cfg.paraphrase_file))
+            if not any(t in paraphrases for t in train):
+                raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
+        vocab_ids = prepare_model_config(cfg, train)
+        cache_texts = [r.text for r in split.train + split.val]  # the feature cache holds the whole data set
+        if cfg.augment_crops:  # word-span crops of the training headlines (never a validation/held-out text)
+            from invemb.data import word_crops
+            crops = word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=cache_texts)
+            if rank == 0:
+                print(f"augment_crops: {len(crops)} crops of {len(train)} training headlines", flush=True)
+            train, cache_texts = train + crops, cache_texts + crops
+        stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
+        resume = check_resume(out, args.resume, cfg, world, stage)
+    except InvembError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    from invemb.training.loop import Trainer
+    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_texts).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
