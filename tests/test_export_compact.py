@@ -2,18 +2,14 @@
 toy backbone: graph parity at untraced shapes, and ORT beam search == torch texts on memorised headlines."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `export` is not installed
-
-from export import to_onnx, validate  # noqa: E402
+from invemb.export import exporter
+from invemb.export import validate
 
 
 def test_compact_multiquery_export_matches_torch(every_lever_toy, headlines32, tmp_path):
     out = tmp_path / "onnx"
-    with to_onnx.quiet_exporter():
-        manifest = to_onnx.export_model(every_lever_toy, out)
+    with exporter.quiet_exporter():
+        manifest = exporter.export_model(every_lever_toy, out)
     assert manifest["vocab_size"] == len(every_lever_toy.tokenizer)  # the graphs speak tokenizer ids
     rows = validate.graph_parity(every_lever_toy, out, threads=1)
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]

@@ -6,23 +6,21 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `export` is not installed
-
-from export import to_onnx, validate  # noqa: E402
-from invemb.errors import InvembError  # noqa: E402
+from invemb.export import exporter
+from invemb.export import validate
+from invemb.errors import InvembError
 
 
 @pytest.fixture(scope="session")
 def onnx_dir(toy_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "toy"
-    with to_onnx.quiet_exporter():
-        to_onnx.export_checkpoint(toy_checkpoint, out)
+    with exporter.quiet_exporter():
+        exporter.export_checkpoint(toy_checkpoint, out)
     return out
 
 
@@ -123,8 +121,8 @@ def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text("name: x")
     (repo / "beam_search" / "1" / "model.py").write_text("# serving code")
-    to_onnx.place_in_triton_repo(onnx_dir, repo)
-    to_onnx.place_in_triton_repo(onnx_dir, repo)  # idempotent
+    exporter.place_in_triton_repo(onnx_dir, repo)
+    exporter.place_in_triton_repo(onnx_dir, repo)  # idempotent
     for g in ("encoder", "decoder_init", "decoder_step"):
         assert (repo / g / "1" / "model.onnx").read_bytes() == (onnx_dir / f"{g}.onnx").read_bytes()
     for name in ("tokenizer", "beam_search"):
@@ -139,16 +137,16 @@ def test_export_is_atomic(toy_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
-    real = to_onnx._export_graph
+    real = exporter._export_graph
 
     def failing(module, spec, path, *a):
         if spec.name == "decoder_init":  # the encoder is already written in the temp folder
             raise RuntimeError("simulated exporter failure")
         return real(module, spec, path, *a)
 
-    monkeypatch.setattr(to_onnx, "_export_graph", failing)
-    with to_onnx.quiet_exporter(), pytest.raises(RuntimeError, match="simulated"):
-        to_onnx.export_model(toy_model, out)
+    monkeypatch.setattr(exporter, "_export_graph", failing)
+    with exporter.quiet_exporter(), pytest.raises(RuntimeError, match="simulated"):
+        exporter.export_model(toy_model, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["old.txt"]
 
 
@@ -167,7 +165,7 @@ def test_corrupted_checkpoint_gives_one_line_error(toy_checkpoint, tmp_path, cap
         (ckpt / "config.json").unlink()
     else:
         (ckpt / "config.json").write_text("{not json")
-    rc = to_onnx.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")])
+    rc = exporter.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "out").exists()
@@ -217,6 +215,6 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     import onnx
     head = onnx.load(str(d / "decoder_step.int8.onnx")).graph
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in head.node)
-    to_onnx.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
+    exporter.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
     assert (tmp_path / "repo" / "decoder_step" / "1" / "model.onnx").read_bytes() == \
         (d / "decoder_step.int8.onnx").read_bytes()

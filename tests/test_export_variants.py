@@ -1,15 +1,12 @@
 """ONNX export of the other decoders (one-pass: required; GRU) and the TensorRT builder's absent-TensorRT path."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `export` is not installed
-
-from export import to_onnx, to_tensorrt, validate  # noqa: E402
+from invemb.export import exporter
+from invemb.export import tensorrt_build
+from invemb.export import validate
 
 
 def _toy(kind: str):
@@ -30,8 +27,8 @@ def _toy(kind: str):
 def test_other_decoders_export_with_parity(kind, graphs, tmp_path):
     from invemb.ort import OnnxEmbedder
     model = _toy(kind)
-    with to_onnx.quiet_exporter():
-        manifest = to_onnx.export_model(model, tmp_path / kind)
+    with exporter.quiet_exporter():
+        manifest = exporter.export_model(model, tmp_path / kind)
     assert manifest["decoder_kind"] == kind and set(manifest["graphs"]) == graphs
     rows = validate.graph_parity(model, tmp_path / kind, threads=1)
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
@@ -51,14 +48,14 @@ def test_other_decoders_export_with_parity(kind, graphs, tmp_path):
 
 def test_tensorrt_absent_gives_one_line_message(tmp_path, capsys):
     try:
-        to_tensorrt.require_tensorrt()
+        tensorrt_build.require_tensorrt()
     except Exception as e:
         expected = str(e)
     else:
         pytest.skip("TensorRT and a GPU are present: the engine build is exercised on the GPU machine")
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "manifest.json").write_text('{"format_version": 1, "graphs": {}, "max_length": 8}')
-    rc = to_tensorrt.main(["--onnx", str(tmp_path / "onnx"), "--out", str(tmp_path / "trt")])
+    rc = tensorrt_build.main(["--onnx", str(tmp_path / "onnx"), "--out", str(tmp_path / "trt")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == f"error: {expected}" and len(err.splitlines()) == 1
     assert "TensorRT" in err or "GPU" in err

@@ -1,0 +1,312 @@
+"""Export an invemb checkpoint to ONNX graphs + manifest.json + tokenizer: everything a server needs.
+
+    python export/to_onnx.py --checkpoint runs/small/final --out onnx/small [--triton-repo model_repository]
+    python export/to_onnx.py --triton-repo model_repository     # the shipped model -> onnx/shipped + the repository
+
+Graphs (names, shapes, tolerances: invemb/manifest.py): encoder.onnx, and for a transformer/GRU decoder
+decoder_init.onnx + decoder_step.onnx (KV cache in/out), for a one-pass decoder decoder_onepass.onnx.
+torch's dynamo exporter with dynamic_shapes; example sizes are >= 2 and pairwise distinct because the exporter
+freezes example dimensions of size 0/1 (and would tie equal ones).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from invemb.errors import InvembError
+from invemb.manifest import (GraphSpec, build_manifest, graph_files, graph_specs, model_dims, present_outputs,
+                             read_manifest, write_manifest)
+
+DEFAULT_OPSET = 18
+# Example sizes used for tracing: >= 2 and distinct from each other (all are dynamic in the graphs).
+EXAMPLE = {"batch": 3, "sequence": 7, "past": 5, "new": 2}
+TRITON_GRAPHS = ("encoder", "decoder_init", "decoder_step", "decoder_onepass")
+TRITON_ASSET_MODELS = ("tokenizer", "beam_search")  # models that get manifest.json + tokenizer/
+
+
+# ----------------------------------------------------------------------------------------------- wrappers
+def _wrappers():
+    """torch.nn.Module wrappers with flat tensor signatures (built lazily: no torch import at module load)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Encoder(nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):  # [B,T] int64 x2 -> [B,S]
+            return self.encoder(input_ids, attention_mask).float()
+
+    class DecoderInit(nn.Module):
+        """sentence_embedding [B,S] -> log_probs [B,V] after BOS, then the cache tensors in `names` order."""
+
+        def __init__(self, decoder, bos_id: int, names: list[str]):
+            super().__init__()
+            self.decoder, self.bos_id, self.names = decoder, bos_id, names
+
+        def forward(self, sentence_embedding):
+            cache = self.decoder.init_cache(sentence_embedding)
+            bos = torch.full_like(sentence_embedding[:, :1], self.bos_id, dtype=torch.long)  # [B,1]
+            logits, cache = self.decoder.step(bos, cache)  # [B,1,V]
+            out = {**cache, **present_outputs(cache)}  # cross_*/context as they are; past_X / hidden as present_*
+            return (F.log_softmax(logits[:, -1].float(), dim=-1),) + tuple(out[n] for n in self.names)
+
+    class DecoderStep(nn.Module):
+        """input_ids [B,t] + cache tensors (in `in_names` order) -> log_probs [B,V] of the last position + presents."""
+
+        def __init__(self, decoder, in_names: list[str], out_names: list[str]):
+            super().__init__()
+            self.decoder, self.in_names, self.out_names = decoder, in_names, out_names
+
+        def forward(self, input_ids, *cache_tensors):
+            cache = dict(zip(self.in_names, cache_tensors))
+            logits, new = self.decoder.step(input_ids, cache)  # [B,t,V]
+            new = present_outputs(new)
+            return (F.log_softmax(logits[:, -1].float(), dim=-1),) + tuple(new[n] for n in self.out_names)
+
+    class OnePass(nn.Module):
+        def __init__(self, decoder, length: int):
+            super().__init__()
+            self.decoder, self.length = decoder, length
+
+        def forward(self, sentence_embedding):  # [B,S] -> logits [B,T,V]
+            return self.decoder(sentence_embedding, length=self.length).float()
+
+    return Encoder, DecoderInit, DecoderStep, OnePass
+
+
+def graph_module(model, name: str, spec: GraphSpec):
+    """The torch computation graph `name` is traced from, with a flat tensor signature (the exporter exports it;
+    the validator compares ONNX Runtime against it)."""
+    Encoder, DecoderInit, DecoderStep, OnePass = _wrappers()
+    if name == "encoder":
+        return Encoder(model.encoder)
+    if name == "decoder_init":
+        return DecoderInit(model.decoder, model.bos_id, spec.output_names[1:])
+    if name == "decoder_step":
+        return DecoderStep(model.decoder, spec.input_names[1:], spec.output_names[1:])
+    return OnePass(model.decoder, model.config.encoder.max_length - 1)
+
+
+# ----------------------------------------------------------------------------------------------- examples
+def example_inputs(spec: GraphSpec, sizes: dict[str, int] | None = None, vocab: int = 1000, seed: int = 0,
+                   max_length: int | None = None) -> dict:
+    """Random numpy inputs for a spec; symbolic axes take `sizes` (defaults: EXAMPLE). Token ids avoid 0..999
+    specials only loosely (ids in [1000, vocab)); attention masks are left-aligned with ragged lengths."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    sizes = {**EXAMPLE, **(sizes or {})}
+    feeds = {}
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "attention_mask":
+            lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+            lengths[0] = shape[1]  # the longest row fills the padded width, as the tokenizer produces
+            feeds[t.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        elif t.dtype == "int64":
+            feeds[t.name] = rng.integers(min(1000, vocab - 1), vocab, size=shape).astype(np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+# ----------------------------------------------------------------------------------------------- export
+def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, max_length: int | None = None
+                  ) -> None:
+    import torch
+    from torch.export import Dim
+    dims: dict[str, Dim] = {}
+    dyn = tuple({axis: dims.setdefault(name, Dim(name)) for axis, name in axes.items()} or None
+                for axes in spec.dynamic_axes().values())
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(a, *rest): nest the rest
+        dyn = dyn[:len(params) - 1] + (dyn[len(params) - 1:],)
+    feeds = example_inputs(spec, vocab=vocab)
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=spec.input_names,
+                                    output_names=spec.output_names, dynamic_shapes=dyn, opset_version=opset,
+                                    verbose=False, external_data=False)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(path), external_data=size > 1.8e9)  # protobuf's 2 GB limit
+    if size <= 1.8e9:
+        add_limits_metadata(path, vocab, max_length)
+
+
+def add_limits_metadata(path: Path, vocab: int, max_length: int | None) -> None:
+    """Record the input limits in the graph (metadata_props): servers validate requests against them, so an
+    out-of-range token id or an over-long sequence is the sender's INVALID_ARGUMENT, not a failed batch."""
+    import onnx
+    model = onnx.load(str(path))
+    props = {"invemb_vocab_size": str(vocab)}
+    if max_length:
+        props["invemb_max_length"] = str(max_length)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def check_graph(path: Path, spec: GraphSpec) -> None:
+    """The saved graph's input/output names and ranks are exactly the spec's (servers rely on the names)."""
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in g.initializer}
+    got_in = [(i.name, len(i.type.tensor_type.shape.dim)) for i in g.input if i.name not in init]
+    got_out = [(o.name, len(o.type.tensor_type.shape.dim)) for o in g.output]
+    want_in = [(t.name, len(t.shape)) for t in spec.inputs]
+    want_out = [(t.name, len(t.shape)) for t in spec.outputs]
+    if got_in != want_in or got_out != want_out:
+        raise RuntimeError(f"{path.name}: exported names/ranks {got_in} -> {got_out} differ from the spec "
+                           f"{want_in} -> {want_out}")
+
+
+def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str = "") -> dict:
+    """Export an in-memory InvertibleEmbedder (eval mode, CPU) to `out_dir` atomically; returns the manifest."""
+    import torch
+    import invemb
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
+    dims = model_dims(model)
+    specs = graph_specs(dims)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = {}
+        for name, spec in specs.items():
+            path = tmp / spec.file
+            _export_graph(graph_module(model, name, spec), spec, path, opset, dims.vocab_size, dims.max_length)
+            check_graph(path, spec)
+            graphs[name] = {**spec.to_json(), "sha256": _sha256(path)}
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        manifest = build_manifest(
+            dims, opset, graphs, special_ids={"bos": model.bos_id, "eos": model.eos_id, "pad": model.pad_id},
+            source={"checkpoint": source, "invemb": invemb.__version__, "torch": torch.__version__,
+                    "pooling": model.config.encoder.pooling, "backbone": model.config.encoder.model_name})
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                      triton_repo: str | os.PathLike | None = None) -> dict:
+    """Load a checkpoint (InvembError when missing/corrupted/incompatible), export it, optionally place it in a
+    Triton model repository. Returns the manifest."""
+    from invemb.model import InvertibleEmbedder
+    model = InvertibleEmbedder.from_pretrained(checkpoint_dir)
+    manifest = export_model(model, out_dir, opset, source=str(Path(checkpoint_dir).resolve()))
+    if triton_repo:
+        place_in_triton_repo(out_dir, triton_repo)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, replacing an existing `dst` (old one moved aside first, removed after)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
+                         variant: str | None = None) -> list[Path]:
+    """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.
+    `variant` (e.g. "int8", made by export/optimize.py) places that variant's graph files instead.
+    Only these files are replaced (config.pbtxt and model.py files written by the serving side stay)."""
+    src, repo = Path(export_dir), Path(repo)
+    manifest = read_manifest(src)
+    files = graph_files(manifest, variant, src)
+    placed = []
+    for name, file in files.items():
+        if name in TRITON_GRAPHS:
+            dst = repo / name / "1" / "model.onnx"
+            _copy_atomic(src / file, dst)
+            placed.append(dst)
+    for name in TRITON_ASSET_MODELS:
+        ver = repo / name / "1"
+        ver.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=ver))
+        shutil.copytree(src / manifest["tokenizer_dir"], tmp, dirs_exist_ok=True)
+        _replace_dir(tmp, ver / manifest["tokenizer_dir"])
+        _copy_atomic(src / "manifest.json", ver / "manifest.json")
+        placed += [ver / "manifest.json", ver / manifest["tokenizer_dir"]]
+    return placed
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silence the exporter's progress prints and registration warnings (errors still raise)."""
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._export",
+             "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="invemb checkpoint folder (config.json, model.safetensors); "
+                    "default: the shipped model (models/ of the checkout or $INVEMB_MODEL)")
+    ap.add_argument("--out", default="onnx/shipped", help="output folder (replaced atomically; default onnx/shipped)")
+    ap.add_argument("--triton-repo", default=None, help="also place the files in this Triton model repository")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    args = ap.parse_args(argv)
+    try:
+        if args.checkpoint is None:
+            from invemb.shipped import default_model_path
+            args.checkpoint = str(default_model_path())
+        with quiet_exporter():
+            manifest = export_checkpoint(args.checkpoint, args.out, args.opset, args.triton_repo)
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = ", ".join(g["file"] for g in manifest["graphs"].values())
+    print(f"exported {manifest['decoder_kind']} model to {args.out}: {files}, manifest.json, tokenizer/"
+          + (f"; placed in {args.triton_repo}" if args.triton_repo else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Validate an ONNX export against its PyTorch checkpoint.
+
+    python export/validate.py --checkpoint runs/small/final --onnx onnx/small [--data PATH] [-n 50]
+
+1. Graph parity: every graph on random inputs at shapes OTHER than the traced ones (batch 1 and 7; sequence /
+   past lengths from 0-1 up to max_length), ONNX Runtime vs the same torch computation, within the tolerance
+   stated in invemb/manifest.py (and the manifest).
+2. Beam search parity: N real validation headlines through the full ORT pipeline (OnnxEmbedder: ORT encoder +
+   the core beam search over the ORT GraphStepper) and through the ORT decoder from torch vectors must give exactly the
+   texts InvertibleEmbedder.decode gives. Prints a table; exit 1 on any failure, 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from invemb.errors import InvembError
+from invemb.export.exporter import example_inputs, graph_module
+from invemb.manifest import GraphSpec, Tolerance, graph_specs, model_dims, read_manifest
+
+
+@dataclass
+class Row:
+    check: str
+    case: str
+    value: str  # max |ort - torch| (parity) or exact-match count (beam search)
+    limit: str
+    ok: bool
+
+
+def validation_shapes(spec: GraphSpec, max_length: int) -> list[dict[str, int]]:
+    """Shapes to check a graph at: batch 1 and 7 (traced: 3) x sequence/past/new lengths (traced: 7/5/2)."""
+    axes = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    lengths: list[dict[str, int]] = [{}]
+    if "sequence" in axes:
+        lengths = [{"sequence": s} for s in (1, 2, 13, max_length)]
+    elif "past" in axes:
+        pn = [(0, 1), (1, 1), (8, 1), (max_length - 1, 1)] + ([(4, 3)] if "new" in axes else [])
+        lengths = [{"past": p, "new": n} for p, n in pn]
+    return [{"batch": b, **ln} for b in (1, 7) for ln in lengths]
+
+
+def compare(ort_outs: list[np.ndarray], torch_outs: list[np.ndarray], tol: Tolerance) -> tuple[float, bool]:
+    """Max abs error over all outputs, and whether every element is within atol + rtol * |torch|."""
+    worst, ok = 0.0, True
+    for a, b in zip(ort_outs, torch_outs):
+        if a.shape != b.shape:
+            return float("inf"), False
+        err = np.abs(a.astype(np.float64) - b)
+        worst = max(worst, float(err.max(initial=0.0)))
+        ok &= bool((err <= tol.atol + tol.rtol * np.abs(b)).all())
+    return worst, ok
+
+
+def graph_parity(model, export_dir: str | Path, threads: int = 1, seed: int = 0,
+                 sessions: dict | None = None) -> list[Row]:
+    import torch
+    from invemb.ort import make_session
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    specs = graph_specs(model_dims(model.cpu().eval()))
+    rows = []
+    for name, g in manifest["graphs"].items():
+        spec = specs[name]
+        sess = (sessions or {}).get(name) or make_session(export_dir / g["file"], threads)
+        module = graph_module(model, name, spec).eval()
+        for i, sizes in enumerate(validation_shapes(spec, manifest["max_length"])):
+            feeds = example_inputs(spec, sizes, vocab=manifest["vocab_size"], seed=seed + i)
+            if "input_ids" in feeds and name != "encoder":  # decoder tokens: any id, BOS included
+                feeds["input_ids"][:, 0] = manifest["special_ids"]["bos"]
+            got = sess.run(spec.output_names, feeds)
+            with torch.no_grad():
+                ref = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+            ref = [r.float().numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+            err, ok = compare(got, ref, spec.tolerance)
+            rows.append(Row(name, " ".join(f"{k}={v}" for k, v in sizes.items()), f"{err:.2e}",
+                            f"{spec.tolerance.atol:g}+{spec.tolerance.rtol:g}|x|", ok))
+    return rows
+
+
+def beam_parity(model, export_dir: str | Path, texts: list[str], beam_size: int = 4, threads: int = 1,
+                embedder=None) -> tuple[list[Row], dict]:
+    """Torch texts vs ORT texts (full ORT pipeline; ORT decoder on torch vectors). Returns rows and details."""
+    from invemb.ort import OnnxEmbedder
+    onnx = embedder or OnnxEmbedder(export_dir, threads=threads)
+    vec_torch = model.encode(texts)
+    ref = model.decode(vec_torch, beam_size=beam_size)
+    vec_ort = onnx.encode(texts)
+    full = onnx.decode(vec_ort, beam_size=beam_size)
+    dec = onnx.decode(vec_torch, beam_size=beam_size)
+    n = len(texts)
+    same_full = sum(a == b for a, b in zip(ref, full))
+    same_dec = sum(a == b for a, b in zip(ref, dec))
+    exact = sum(a == b for a, b in zip(ref, model.reference_texts(texts)))
+    rows = [Row(f"beam{beam_size} texts", "ORT encoder + ORT decoder", f"{same_full}/{n} equal", f"{n}/{n}",
+                same_full == n),
+            Row(f"beam{beam_size} texts", "torch vectors, ORT decoder", f"{same_dec}/{n} equal", f"{n}/{n}",
+                same_dec == n)]
+    details = {"torch": ref, "ort": full, "ort_decoder": dec, "torch_exact_match": exact / max(1, n),
+               "vector_max_abs_diff": float(np.abs(vec_torch - vec_ort).max(initial=0.0))}
+    return rows, details
+
+
+def print_table(rows: list[Row], file=None) -> None:
+    file = file or sys.stdout
+    head = ("check", "case", "value", "limit", "ok")
+    cells = [head] + [(r.check, r.case, r.value, r.limit, "PASS" if r.ok else "FAIL") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    for j, c in enumerate(cells):
+        print(" | ".join(x.ljust(w) for x, w in zip(c, widths)), file=file)
+        if j == 0:
+            print("-+-".join("-" * w for w in widths), file=file)
+
+
+def validation_texts(data: str | None, n: int, seed: int = 0) -> list[str]:
+    from invemb.data import load_split
+    val = load_split(data, seed=seed).val
+    return [r.text for r in val[:n]]
+
+
+def validate(checkpoint: str, onnx_dir: str, data: str | None = None, n: int = 50, beam_size: int = 4,
+             threads: int = 1) -> tuple[list[Row], dict]:
+    from invemb.model import InvertibleEmbedder
+    model = InvertibleEmbedder.from_pretrained(checkpoint)
+    rows = graph_parity(model, onnx_dir, threads)
+    details = {}
+    if n > 0:
+        beam_rows, details = beam_parity(model, onnx_dir, validation_texts(data, n), beam_size, threads)
+        rows += beam_rows
+    return rows, details
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--onnx", required=True, help="folder written by export/to_onnx.py")
+    ap.add_argument("--data", default=None, help="headlines (default: $INVEMB_DATA)")
+    ap.add_argument("-n", type=int, default=50, help="validation headlines for the beam-search check (0: skip)")
+    ap.add_argument("--beam-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
+    args = ap.parse_args(argv)
+    try:
+        rows, details = validate(args.checkpoint, args.onnx, args.data, args.n, args.beam_size, args.threads)
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(rows)
+    if details:
+        print(f"\nencoder vectors max |ort - torch| = {details['vector_max_abs_diff']:.2e}; torch exact match "
+              f"vs inputs = {details['torch_exact_match']:.1%}")
+        for t, o in zip(details["torch"], details["ort"]):
+            if t != o:
+                print(f"  differs: torch {t!r}\n           ort   {o!r}")
+    failed = sum(not r.ok for r in rows)
+    print(f"\n{'FAILED' if failed else 'OK'}: {len(rows) - failed}/{len(rows)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
