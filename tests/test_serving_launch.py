@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repository root: `serving` is not installed
-
-from serving.launch import ServerError, TritonServer, build_server_dir  # noqa: E402
+from invemb.serving.launch import ORT_BACKEND, ServerError, TritonServer, build_server_dir
 
 ADD_CONFIG = """
 backend: "onnxruntime"
@@ -63,7 +59,7 @@ def test_server_dir_layout(tmp_path):
     for f in ("libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"):
         assert (d / "backends" / "python" / f).is_file()
     assert (d / "backends" / "onnxruntime" / "model.py").read_text() == \
-        (ROOT / "serving" / "backends" / "onnxruntime" / "model.py").read_text()
+        ORT_BACKEND.read_text()
     assert build_server_dir(tmp_path / "srv") == d  # idempotent
 
 
@@ -141,10 +137,10 @@ def test_stop_ends_the_process_group(tmp_path):
 
 
 def test_client_retries_unavailable_with_backoff_then_fails_clearly(monkeypatch):
-    from serving.client import ClientError, TritonClient, text_tensor
-    from serving.launch import free_port
+    from invemb.serving.client import ClientError, TritonClient, text_tensor
+    from invemb.util import free_port
     sleeps: list[float] = []
-    monkeypatch.setattr("serving.client.time.sleep", sleeps.append)
+    monkeypatch.setattr("invemb.serving.client.time.sleep", sleeps.append)
     client = TritonClient(f"127.0.0.1:{free_port()}", timeout=10, retries=2, backoff=0.1)  # nothing listens there
     feeds = {"text": text_tensor(["Oil prices fall"])}
     with pytest.raises(ClientError, match="encode: UNAVAILABLE"):
@@ -159,8 +155,8 @@ def test_client_retries_unavailable_with_backoff_then_fails_clearly(monkeypatch)
 
 
 def test_client_rejects_bad_arguments_before_sending():
-    from serving.client import ClientError, TritonClient
-    from serving.launch import free_port
+    from invemb.serving.client import ClientError, TritonClient
+    from invemb.util import free_port
     client = TritonClient(f"127.0.0.1:{free_port()}")
     with pytest.raises(ClientError, match=r"shape \[N, S\]"):
         client.decode(np.zeros(4, np.float32))
@@ -171,9 +167,8 @@ def test_client_rejects_bad_arguments_before_sending():
 
 
 OWNER = """
-import sys, time
-sys.path.insert(0, {root!r})
-from serving.launch import TritonServer
+import time
+from invemb.serving.launch import TritonServer
 s = TritonServer({repo!r}, startup_timeout=120).start()
 print(s.proc.pid, ",".join(s.shm), flush=True)
 time.sleep(600)
@@ -188,7 +183,7 @@ def test_server_dies_with_its_owner(tmp_path, sig):
     import time
     write_add_model(tmp_path / "repo" / "add" / "1")
     (tmp_path / "repo" / "add" / "config.pbtxt").write_text(f'name: "add"\n{ADD_CONFIG}')
-    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(root=str(ROOT), repo=str(tmp_path / "repo"))],
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(repo=str(tmp_path / "repo"))],
                              stdout=subprocess.PIPE, text=True)
     try:
         parts = owner.stdout.readline().split()

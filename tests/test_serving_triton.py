@@ -1,5 +1,6 @@
 """The invemb model repository on a REAL tritonserver: a toy checkpoint exported with export/to_onnx.py into a
-temp copy of model_repository/, served by serving/launch.py, called over gRPC by serving/client.py.
+temp copy of model_repository/, served by serving/launch.py (invemb.serving.launch), called over gRPC by
+serving/client.py (invemb.serving.client).
 
 Parity: `encode` == in-process encode (atol 1e-5); `roundtrip` == in-process decode texts; client-side beam
 search over decoder_init/decoder_step == server-side beam_search. Bad inputs get INVALID_ARGUMENT with a clear
@@ -16,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repository root: `serving` and `export` are not installed
-
-from serving.client import ClientError, TritonClient, load_export, text_tensor  # noqa: E402
-from serving.launch import TritonServer  # noqa: E402
+from conftest import REPO as ROOT
+from invemb.serving.client import ClientError, TritonClient, load_export, text_tensor
+from invemb.serving.launch import TritonServer
 
 MODELS = ("tokenizer", "encoder", "decoder_init", "decoder_step", "beam_search", "encode", "roundtrip")
 
@@ -28,7 +27,7 @@ MODELS = ("tokenizer", "encoder", "decoder_init", "decoder_step", "beam_search",
 @pytest.fixture(scope="session")
 def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     """(repository, export dir): the committed configs + python models, and the toy export placed in them."""
-    from export import to_onnx
+    from invemb.export import exporter
     base = tmp_path_factory.mktemp("triton")
     repo, export_dir = base / "repo", base / "onnx"
     def generated(folder, names):  # what an earlier local export left in the committed repository
@@ -36,8 +35,8 @@ def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
                 or (n == "tokenizer" and Path(folder).name == "1")]
 
     shutil.copytree(ROOT / "model_repository", repo, ignore=generated)
-    with to_onnx.quiet_exporter():
-        to_onnx.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
+    with exporter.quiet_exporter():
+        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
     return repo, export_dir
 
 

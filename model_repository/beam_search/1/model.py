@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _param(config: dict, key: str, default: int) -> int:
-    return int(config.get("parameters", {}).get(key, {}).get("string_value", default))
+from invemb.serving.triton_utils import invalid_arg, model_param  # invemb: the server venv's installed package
 
 
 def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
@@ -34,27 +32,21 @@ def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
     return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in output_names}
 
 
-def invalid_arg(message: str):
-    """An error status for a bad request: INVALID_ARGUMENT where the python backend supports codes."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        from invemb.graph_stepper import cache_plan, load_export_tokenizer, read_manifest
+        from invemb.manifest import cache_plan, load_export_tokenizer, read_manifest
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
         self.manifest = read_manifest(folder)
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
         self.tokenizer = load_export_tokenizer(folder, self.manifest)
-        self.default_beam = _param(config, "default_beam_size", 4)
-        self.max_beam = _param(config, "max_beam_size", 8)
+        self.default_beam = int(model_param(config, "default_beam_size", 4))
+        self.max_beam = int(model_param(config, "max_beam_size", 8))
 
     def _settings(self, request) -> tuple[np.ndarray, int, int | None]:
         """Validated (vectors [B,S], beam_size, max_length) of one request; InvembError when bad."""
         from invemb.errors import InvembError
-        from invemb.graph_stepper import check_vectors, generation_config
+        from invemb.manifest import check_vectors, generation_config
         vectors = check_vectors(self.manifest, pb_utils.get_input_tensor_by_name(request, "sentence_embedding")
                                 .as_numpy())
 
@@ -78,7 +70,8 @@ class TritonPythonModel:
     def execute(self, requests):
         from invemb.errors import InvembError
         from invemb.generation import generate
-        from invemb.graph_stepper import GraphStepper, generation_config
+        from invemb.graph_stepper import GraphStepper
+        from invemb.manifest import generation_config
         from invemb.text import detokenize_ids
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}

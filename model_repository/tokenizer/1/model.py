@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from invemb.serving.triton_utils import invalid_arg, model_param  # invemb: the server venv's installed package
+
 
 def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
     """BYTES [batch, 1] -> str per row; invalid UTF-8 or an over-long text is an InvembError naming the row."""
@@ -35,21 +37,15 @@ def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
     return texts
 
 
-def invalid_arg(message: str):
-    """An error status for a bad request: INVALID_ARGUMENT where the python backend supports codes."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        from invemb.graph_stepper import load_export_tokenizer, read_manifest
+        from invemb.manifest import load_export_tokenizer, read_manifest
         folder = Path(args["model_repository"]) / args["model_version"]
         self.manifest = read_manifest(folder)
         self.tokenizer = load_export_tokenizer(folder, self.manifest)
         self.max_length = int(self.manifest["max_length"])
-        self.max_chars = int(config.get("parameters", {}).get("max_text_chars", {}).get("string_value", 2000))
+        self.max_chars = int(model_param(config, "max_text_chars", 2000))
         logging.getLogger("invemb").setLevel(logging.ERROR)  # truncation warnings would flood the server log
 
     def execute(self, requests):

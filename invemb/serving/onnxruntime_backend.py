@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from invemb.manifest import PAST_PREFIX
+from invemb.serving.triton_utils import invalid_arg, model_param
+
 
 ORT_TO_TRITON = {"float": "TYPE_FP32", "float16": "TYPE_FP16", "double": "TYPE_FP64", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -35,16 +38,6 @@ def _stub_model_dir() -> Path | None:
     except OSError:
         return None
     return Path(os.fsdecode(argv[1])).parent if len(argv) > 1 and argv[1] else None
-
-
-def _invalid(message: str):
-    """An INVALID_ARGUMENT error where this Triton's python backend supports error codes, else a plain error."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-
-
-def _param(config: dict, key: str, default: str) -> str:
-    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
 class TritonPythonModel:
@@ -94,9 +87,9 @@ class TritonPythonModel:
         if not path.is_file():
             raise pb_utils.TritonModelException(f"{self.config['name']}: no ONNX model at {path}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(_param(self.config, "intra_op_thread_count",
+        opts.intra_op_num_threads = int(model_param(self.config, "intra_op_thread_count",
                                                os.environ.get("OMP_NUM_THREADS", "1")))
-        opts.inter_op_num_threads = int(_param(self.config, "inter_op_thread_count", "1"))
+        opts.inter_op_num_threads = int(model_param(self.config, "inter_op_thread_count", "1"))
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
@@ -141,11 +134,11 @@ class TritonPythonModel:
             raise ValueError("attention_mask must hold only 0 and 1")
         if self.max_length is not None:
             for name, a in feeds.items():
-                axis = 1 if name in ("input_ids", "attention_mask") else 2 if name.startswith("past_") else None
+                axis = 1 if name in ("input_ids", "attention_mask") else 2 if name.startswith(PAST_PREFIX) else None
                 if axis is not None and a.ndim > axis and a.shape[axis] > self.max_length:
                     raise ValueError(f"{name} has length {a.shape[axis]} on axis {axis}, above the model's "
                                      f"max_length {self.max_length}")
-            past = next((a.shape[2] for n, a in feeds.items() if n.startswith("past_") and a.ndim == 4), None)
+            past = next((a.shape[2] for n, a in feeds.items() if n.startswith(PAST_PREFIX) and a.ndim == 4), None)
             if past is not None and ids is not None and past + ids.shape[-1] > self.max_length:
                 raise ValueError(f"past length {past} + {ids.shape[-1]} new token(s) exceeds the model's "
                                  f"max_length {self.max_length}")
@@ -164,7 +157,7 @@ class TritonPythonModel:
             try:
                 feeds = self._feeds(request)
             except Exception as e:  # noqa: BLE001 - becomes this request's error status
-                responses[r] = pb_utils.InferenceResponse(error=_invalid(f"{self.config['name']}: {e}"))
+                responses[r] = pb_utils.InferenceResponse(error=invalid_arg(f"{self.config['name']}: {e}"))
                 continue
             key = tuple(sorted((n, a.shape[1:] if self.batched else a.shape) for n, a in feeds.items()))
             groups.setdefault(key if self.batched else (r,), []).append((r, feeds))
