@@ -104,15 +104,6 @@ def cmd_evaluate(args) -> None:
     print(format_table(result))
 
 
-def run_pipeline_script(argv: list[str]) -> int:
-    """`invemb pipeline ...` runs scripts/pipeline.py of the source checkout (it drives train/, export/, serving/)."""
-    import runpy
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
-    if not script.is_file():
-        raise InvembError("`invemb pipeline` needs the source checkout (pip install -e .); scripts/pipeline.py not found")
-    return runpy.run_path(str(script))["main"](argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invemb", description="Invertible sentence embeddings: text -> vector -> text")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--output", help="metrics JSON path")
     sp.set_defaults(func=cmd_evaluate)
-    sub.add_parser("pipeline", help="train -> evaluate -> export -> serve -> roundtrip (see scripts/pipeline.py -h)")
+    sub.add_parser("pipeline", help="train -> evaluate -> export -> serve -> roundtrip (see invemb pipeline -h)")
     return p
 
 
@@ -175,8 +166,9 @@ def check_args(args) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["pipeline"]:
+        from invemb.pipeline import main as pipeline_main
         try:
-            return run_pipeline_script(argv[1:])
+            return pipeline_main(argv[1:])
         except InvembError as e:
             print(f"invemb: error: {e}", file=sys.stderr)
             return 2
