@@ -97,14 +97,19 @@ class ClsPooling(nn.Module):
         return self.proj(hidden_states[:, 0])  # [B,S]
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B,T,D] over the positions where mask [B,T] is 1 -> [B,D] (a row without any: zeros)."""
+    m = mask.to(x.dtype).unsqueeze(-1)  # [B,T,1]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class MeanPooling(nn.Module):
     def __init__(self, hidden: int, sentence_dim: int):
         super().__init__()
         self.proj = Projection(hidden, sentence_dim)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        m = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # [B,T,1]
-        return (self.proj(hidden_states) * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B,S]
+        return masked_mean(self.proj(hidden_states), attention_mask)  # [B,S]
 
 
 class MultiQueryPooling(nn.Module):

@@ -8,19 +8,11 @@ that is what a perfect reconstruction reads, so exact match 1.0 is reachable.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from invemb.losses import add_vector_noise
 from invemb.metrics import DEFAULT_SCORER, TopKAccumulator, positional_token_accuracy, text_metrics
-
-
-def add_noise(vectors: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
-    """vectors + N(0, (sigma * rms(v))^2) per vector: sigma is relative to each vector's RMS scale."""
-    if sigma <= 0:
-        return vectors
-    rms = np.sqrt((vectors.astype(np.float64) ** 2).mean(1, keepdims=True))  # [N,1]
-    noise = np.random.default_rng(seed).standard_normal(vectors.shape) * sigma * rms
-    return (vectors + noise).astype(np.float32)
+from invemb.text import IGNORE
 
 
 @torch.no_grad()
@@ -31,7 +23,7 @@ def teacher_forced(model, texts: list[str], batch_size: int = 64) -> dict[str, f
     for i in range(0, len(texts), batch_size):
         batch = {k: v.to(model.device) for k, v in model.tokenize(texts[i:i + batch_size]).items()}
         out = model(**batch)
-        m = int((out["labels"] != -100).sum())
+        m = int((out["labels"] != IGNORE).sum())
         loss_sum, n_tok = loss_sum + float(out["loss"]) * m, n_tok + m
         acc.update(out["logits"], out["labels"])
     return {"loss": loss_sum / max(1, n_tok), **acc.result()}
@@ -47,7 +39,7 @@ def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, s
                     "bertscore": f"{scorer} raw F1 (no baseline rescaling)" if scorer else None}
     if with_teacher_forced:
         result["teacher_forced"] = teacher_forced(model, texts, batch_size)
-    vectors = add_noise(model.encode(texts, batch_size, progress=progress), noise_sigma, seed)
+    vectors = add_vector_noise(model.encode(texts, batch_size, progress=progress), noise_sigma, seed)
     examples = {"reference": refs[:n_examples]}
     result["_hyps"] = {}  # every decoded text per mode (popped before writing JSON by callers that want it small)
     for beam in beam_sizes:

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from invemb.evaluate import add_noise, evaluate
+from invemb.evaluate import evaluate
+from invemb.losses import add_vector_noise
 from invemb.metrics import bleu, exact_match, positional_token_accuracy
 
 REPORT_ROWS = [  # the reference report's validation numbers (its table; no exact match / BLEU reported)
@@ -61,7 +62,7 @@ def noise_study(model, texts: list[str], sigmas=(0.0, 0.05, 0.1, 0.2, 0.5), beam
     vectors = model.encode(texts)
     rows = []
     for sigma in sigmas:
-        r = decode_scores(model, add_noise(vectors, sigma, seed=0), texts, beam_size)
+        r = decode_scores(model, add_vector_noise(vectors, sigma, seed=0), texts, beam_size)
         r.pop("hyps")
         rows.append({"sigma": sigma, **r})
     return rows

@@ -43,6 +43,23 @@ class GenerationConfig:
     num_return: int = 1  # hypotheses kept per item (<= beam_size)
 
 
+def generation_config(eos_id: int, limit: int, beam_size: int = 4, max_length: int | None = None,
+                      **kw) -> GenerationConfig:
+    """THE generation defaults of every backend (torch, ONNX Runtime, Triton, the client): beam 4 and up to `limit`
+    tokens (the decoder's positions after BOS: encoder max_length - 1). beam_size must be in [1, MAX_BEAM_SIZE]
+    and max_length in [1, limit] (InvembError otherwise). kw: length_penalty, no_repeat_ngram_size, num_return."""
+    from invemb.limits import MAX_BEAM_SIZE, check_range
+    check_range("beam_size", beam_size, 1, MAX_BEAM_SIZE)
+    if max_length is not None:
+        check_range("max_length", max_length, 1, limit)
+    return GenerationConfig(beam_size=beam_size, eos_id=eos_id, max_length=max_length or limit, **kw)
+
+
+def cut_at_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    """Token rows of a one-pass decode (argmax at every position) -> each row up to its first EOS (excluded)."""
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated ids, EOS excluded
@@ -125,8 +142,10 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
         raise ValueError("beam_size must be >= 1")
     lp, cache = stepper.start(k)  # [B*k, V]
     b, v = lp.shape[0] // k, lp.shape[1]
-    scores = np.full((b, k), NEG_INF)
-    scores[:, 0] = 0.0  # all beams start identical: keep only one alive at the first step
+    scores = np.full((b, k), NEG_INF)  # [B,k] running log-prob of each live beam
+    # Top-beam mask: the k beams of an item start identical (same BOS, same cache), so only beam 0 may expand at the
+    # first step; NEG_INF on the others keeps k copies of one continuation out of the candidates.
+    scores[:, 0] = 0.0
     history = np.zeros((b * k, 0), dtype=np.int64)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     alive = np.arange(b)  # item index of each block of k cache rows
@@ -139,41 +158,43 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
         _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
         cand = (scores[:, :, None] + lp.reshape(n_alive, k, v)).reshape(n_alive, k * v)  # [A, k*V]
         top = top_n(cand, 2 * k)  # [A, 2k]
-        new_scores = np.full((n_alive, k), NEG_INF)
+        new_scores = np.full((n_alive, k), NEG_INF)  # [A,k] the next live beams' scores, cache rows, tokens
         new_rows = np.zeros((n_alive, k), dtype=np.int64)
         new_tok = np.zeros((n_alive, k), dtype=np.int64)
-        still = np.ones(n_alive, dtype=bool)
+        searching = np.ones(n_alive, dtype=bool)  # [A] items that keep searching after this step
         last = t == cfg.max_length - 1
-        for a in range(n_alive):
-            item, fin, j = alive[a], finished[alive[a]], 0
-            for rank, c in enumerate(top[a]):
-                s = cand[a, c]
+        for block in range(n_alive):  # block: an alive item's k consecutive cache rows
+            item_hyps, n_live = finished[alive[block]], 0  # the item's ended hypotheses; live beams chosen so far
+            for rank, c in enumerate(top[block]):
+                s = cand[block, c]
+                # A candidate at or below NEG_INF / 2 extends a masked beam (or a banned n-gram token): real scores
+                # are sums of log-probs, far above it, so here every real candidate has been seen.
                 if s <= NEG_INF / 2:
                     break
                 beam, tok = divmod(int(c), v)
-                row = a * k + beam
+                row = block * k + beam
                 if tok == cfg.eos_id:
-                    if rank < k:
-                        fin.append(Hypothesis(history[row].tolist(), norm(s, t + 1), float(s)))
+                    if rank < k:  # an ending counts only when it ranks among the k best candidates
+                        item_hyps.append(Hypothesis(history[row].tolist(), norm(s, t + 1), float(s)))
                     continue
-                new_scores[a, j], new_rows[a, j], new_tok[a, j] = s, row, tok
-                j += 1
-                if j == k:
+                new_scores[block, n_live], new_rows[block, n_live], new_tok[block, n_live] = s, row, tok
+                n_live += 1
+                if n_live == k:
                     break
-            fin.sort(key=lambda h: -h.score)
-            del fin[k:]
+            item_hyps.sort(key=lambda h: -h.score)
+            del item_hyps[k:]
             if last:  # out of length: live beams become hypotheses too
-                for jj in range(j):
-                    row = new_rows[a, jj]
-                    fin.append(Hypothesis(history[row].tolist() + [int(new_tok[a, jj])],
-                                          norm(new_scores[a, jj], t + 1), float(new_scores[a, jj])))
-                fin.sort(key=lambda h: -h.score)
-            best_live = new_scores[a].max()
-            if j == 0 or (len(fin) >= k and norm(best_live, t + 1) <= fin[k - 1].score):
-                still[a] = False
-        if last or not still.any():
+                for live in range(n_live):
+                    row = new_rows[block, live]
+                    item_hyps.append(Hypothesis(history[row].tolist() + [int(new_tok[block, live])],
+                                                norm(new_scores[block, live], t + 1), float(new_scores[block, live])))
+                item_hyps.sort(key=lambda h: -h.score)
+            best_live = new_scores[block].max()
+            if n_live == 0 or (len(item_hyps) >= k and norm(best_live, t + 1) <= item_hyps[k - 1].score):
+                searching[block] = False
+        if last or not searching.any():
             break
-        keep = np.flatnonzero(still)
+        keep = np.flatnonzero(searching)
         rows = new_rows[keep].reshape(-1)  # [A'*k] rows of the current cache
         history = np.concatenate([history[rows], new_tok[keep].reshape(-1, 1)], axis=1)
         scores, alive = new_scores[keep], alive[keep]

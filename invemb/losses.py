@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from invemb.encoder import masked_mean
 from invemb.errors import InvembError
-
-IGNORE = -100
+from invemb.text import IGNORE
 
 
 def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -45,17 +46,19 @@ def min_paraphrase_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.T
     return torch.where(valid.any(1), best, torch.zeros_like(best))
 
 
-def add_vector_noise(v: torch.Tensor, sigma: float) -> torch.Tensor:
-    """v [B,S] + N(0, (sigma * rms(v_b))^2) per row b; rms is detached (the noise scale is not trained)."""
+def add_vector_noise(v, sigma: float, seed: int = 0):
+    """v [B,S] + N(0, (sigma * rms(v_b))^2) per row b: sigma is relative to each vector's RMS scale.
+
+    A torch tensor (training augmentation): noise from torch's global RNG, rms detached (the noise scale is not
+    trained). A numpy array (evaluation, the noise study): noise from np.random.default_rng(seed), rms in float64,
+    float32 out."""
     if sigma <= 0:
         return v
+    if isinstance(v, np.ndarray):
+        rms = np.sqrt((v.astype(np.float64) ** 2).mean(1, keepdims=True))  # [B,1]
+        return (v + np.random.default_rng(seed).standard_normal(v.shape) * sigma * rms).astype(np.float32)
     rms = v.detach().float().pow(2).mean(-1, keepdim=True).sqrt()  # [B,1]
     return v + torch.randn_like(v) * (sigma * rms).to(v.dtype)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)  # [B,T,1]
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # [B,H]
 
 
 class SentenceSimilarityLoss:
@@ -101,7 +104,7 @@ class SentenceSimilarityLoss:
     def target(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embedding of the real input [B,H] (decoder ids; mapped when an id_map is set)."""
         ids = input_ids if self.id_map is None else self.id_map[input_ids]
-        return mean_pool(self.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
+        return masked_mean(self.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ class SentenceSimilarityLoss:
         cls = w[self.cls_map].float().expand(soft.shape[0], 1, -1)  # [B,1,H]
         embeds = torch.cat([cls, soft], dim=1).to(w.dtype)  # [B,T+1,H]
         mask = torch.cat([torch.ones_like(labels[:, :1]), (labels != IGNORE).long()], dim=1)  # [B,T+1]
-        pred = mean_pool(self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask)  # [B,H]
+        pred = masked_mean(self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask)  # [B,H]
         ref = self.target(input_ids, attention_mask)  # [B,H]
         return (1 - F.cosine_similarity(pred.float(), ref.float(), dim=-1)).mean()
 

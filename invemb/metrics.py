@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from invemb.text import IGNORE
+
 TOPK = (1, 3, 5, 10, 15, 25, 50, 100)
 DEFAULT_SCORER = "all-mpnet-base-v2"
 BERTSCORE_LAYERS = {"all-mpnet-base-v2": 8, "all-minilm-l6-v2": 4}
@@ -20,7 +22,7 @@ BERTSCORE_LAYERS = {"all-mpnet-base-v2": 8, "all-minilm-l6-v2": 4}
 class TopKAccumulator:
     """Accumulates top-k hits over batches of logits [B,T,V] and labels [B,T] (ignore_index positions skipped)."""
 
-    def __init__(self, ks: Sequence[int] = TOPK, ignore_index: int = -100):
+    def __init__(self, ks: Sequence[int] = TOPK, ignore_index: int = IGNORE):
         self.ks, self.ignore = tuple(ks), ignore_index
         self.hits = np.zeros(len(self.ks), dtype=np.int64)
         self.total = 0
@@ -43,7 +45,7 @@ class TopKAccumulator:
         return {f"top{k}": float(h) / max(1, self.total) for k, h in zip(self.ks, self.hits)}
 
 
-def topk_accuracy(logits, labels, ks: Sequence[int] = TOPK, ignore_index: int = -100) -> dict[str, float]:
+def topk_accuracy(logits, labels, ks: Sequence[int] = TOPK, ignore_index: int = IGNORE) -> dict[str, float]:
     acc = TopKAccumulator(ks, ignore_index)
     acc.update(logits, labels)
     return acc.result()

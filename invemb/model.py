@@ -23,14 +23,14 @@ from torch.nn import functional as F
 
 from invemb.config import ModelConfig
 from invemb.decoders import build_decoder
+from invemb.embedder import EmbedderBase
 from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
 from invemb.errors import InvembError
-from invemb.generation import GenerationConfig, generate, log_softmax, reorder_rows
-from invemb.text import check_vectors, detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401 (re-exported)
+from invemb.generation import GenerationConfig, log_softmax, reorder_rows
+from invemb.text import IGNORE, check_vectors, detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401
 
 log = logging.getLogger("invemb")
 FORMAT_VERSION = 1
-IGNORE = -100
 
 
 class TorchStepper:
@@ -57,7 +57,9 @@ class TorchStepper:
         return reorder_rows(cache, torch.as_tensor(rows, dtype=torch.long, device=self.vectors.device))
 
 
-class InvertibleEmbedder(nn.Module):
+class InvertibleEmbedder(nn.Module, EmbedderBase):
+    """Encoder (backbone + pooling) -> one vector -> decoder; the text/vector surface is EmbedderBase's."""
+
     def __init__(self, config: ModelConfig, tokenizer=None, backbone: nn.Module | None = None):
         super().__init__()
         self.config = config.validate()
@@ -80,6 +82,15 @@ class InvertibleEmbedder(nn.Module):
     def sentence_dim(self) -> int:
         return self.config.encoder.sentence_dim
 
+    @property
+    def max_length(self) -> int:
+        """Encoder tokens incl. [CLS]/[SEP] (the decoder's positions)."""
+        return self.config.encoder.max_length
+
+    @property
+    def one_pass(self) -> bool:
+        return not self.decoder.supports_step
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> input_ids/attention_mask [B,T]; empty texts are an error, long ones truncated with a warning."""
         return tokenize_texts(self.tokenizer, texts, self.config.encoder.max_length, return_tensors="pt")
@@ -87,10 +98,6 @@ class InvertibleEmbedder(nn.Module):
     def reference_texts(self, texts: Sequence[str]) -> list[str]:
         """What a perfect reconstruction reads: the texts after tokenization (lower-cased, truncated)."""
         return self.detokenize(self.tokenize(texts)["input_ids"].tolist())
-
-    def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Token ids -> readable text: special tokens dropped, WordPiece spacing around punctuation undone."""
-        return detokenize_ids(self.tokenizer, ids)
 
     # ----------------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -122,48 +129,25 @@ class InvertibleEmbedder(nn.Module):
     # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Texts -> float32 [B,S]."""
-        from tqdm.auto import tqdm
-        from invemb.text import clean_texts, length_sorted_batches
-        texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
+        """Texts -> float32 [B,S] (EmbedderBase.encode in eval mode, without autograd)."""
         self.eval()
-        out = np.zeros((len(texts), self.sentence_dim), np.float32)
-        for rows in tqdm(length_sorted_batches(texts, batch_size), disable=not progress, desc="encode",
-                         unit="batch"):  # similar lengths together (less padding); rows written back in order
-            batch = {k: v.to(self.device) for k, v in self.tokenize([texts[r] for r in rows]).items()}
-            out[rows] = self.encoder(**batch).float().cpu().numpy()
-        return out
+        return super().encode(texts, batch_size, progress)
 
-    def check_vectors(self, vectors) -> np.ndarray:
-        return check_vectors(vectors, self.sentence_dim)
-
-    def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
-        from invemb.limits import MAX_BEAM_SIZE, check_range
-        check_range("beam_size", beam_size, 1, MAX_BEAM_SIZE)
-        if max_length is not None:
-            check_range("max_length", max_length, 1, self.config.encoder.max_length - 1)
-        return GenerationConfig(beam_size=beam_size, eos_id=self.eos_id,
-                                max_length=max_length or self.config.encoder.max_length - 1, **kw)
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        batch = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}  # [b,T] x2
+        return self.encoder(**batch).float().cpu().numpy()  # [b,S]
 
     @torch.no_grad()
     def decode_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
-        v = torch.as_tensor(self.check_vectors(vectors), device=self.device)
         self.eval()
-        cfg = self.generation_config(beam_size, max_length, **kw)
-        if not self.decoder.supports_step:  # one-pass: all positions at once, cut at the first EOS
-            ids = self.decoder(v, length=cfg.max_length).argmax(-1).cpu().tolist()
-            return [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in ids]
-        return [h.tokens for h in generate(TorchStepper(self.decoder, v, self.bos_id), cfg)]
+        return super().decode_ids(vectors, beam_size, max_length, **kw)
 
-    def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
-               progress: bool = False, **kw) -> list[str]:
-        """Vectors [N,S] -> texts. beam_size=1 is greedy. kw: length_penalty, no_repeat_ngram_size."""
-        from tqdm.auto import tqdm
-        v = self.check_vectors(vectors)
-        ids: list[list[int]] = []
-        for i in tqdm(range(0, len(v), batch_size), disable=not progress, desc="decode", unit="batch"):
-            ids.extend(self.decode_ids(v[i:i + batch_size], beam_size, max_length, **kw))
-        return self.detokenize(ids)
+    def _stepper(self, vectors: np.ndarray) -> TorchStepper:
+        return TorchStepper(self.decoder, torch.as_tensor(vectors, device=self.device), self.bos_id)
+
+    def _onepass_ids(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
+        v = torch.as_tensor(vectors, device=self.device)  # [N,S]
+        return self.decoder(v, length=cfg.max_length).argmax(-1).cpu().tolist()  # [N,T]
 
     # ----------------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, path: str | os.PathLike, backbone: bool = True, dtype: torch.dtype | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 from invemb.errors import InvembError
 
 log = logging.getLogger("invemb")
+IGNORE = -100  # the label of a position without a target (padding): skipped by the losses and the accuracies
 
 
 def clean_texts(texts: Sequence[str] | str) -> list[str]:

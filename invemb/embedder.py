@@ -1,0 +1,79 @@
+"""The surface every embedder shares (the torch `InvertibleEmbedder` and the ONNX Runtime `OnnxEmbedder`):
+encode texts in length-sorted batches, check vectors, the generation defaults, decode (step search or the
+one-pass cut at EOS) and detokenize. A backend supplies the pieces that touch its runtime:
+
+    _encode_batch(texts) -> float32 [b,S]        one batch of clean texts through the encoder
+    _stepper(vectors [N,S]) -> Stepper            the decoder as an invemb.generation.Stepper
+    _onepass_ids(vectors, cfg) -> [[int]]         argmax ids of every position (one-pass decoders only)
+    one_pass: bool, sentence_dim, eos_id, max_length (encoder tokens incl. specials), tokenizer
+
+Torch-free (numpy only).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from invemb.generation import GenerationConfig, cut_at_eos, generate, generation_config
+from invemb.text import check_vectors, clean_texts, detokenize_ids, length_sorted_batches
+
+
+class EmbedderBase:
+    """Mixin: text <-> vector on top of a backend's `_encode_batch` / `_stepper` / `_onepass_ids`."""
+
+    one_pass: bool
+    sentence_dim: int
+    eos_id: int
+    max_length: int  # encoder tokens incl. [CLS]/[SEP]; a search generates at most max_length - 1 tokens
+    tokenizer: object
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _stepper(self, vectors: np.ndarray):
+        raise NotImplementedError
+
+    def _onepass_ids(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- text
+    def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Token ids -> readable text: special tokens dropped, WordPiece spacing around punctuation undone."""
+        return detokenize_ids(self.tokenizer, ids)
+
+    def encode(self, texts: Sequence[str] | str, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Texts -> float32 [B,S]."""
+        from tqdm.auto import tqdm
+        texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
+        out = np.zeros((len(texts), self.sentence_dim), np.float32)
+        for rows in tqdm(length_sorted_batches(texts, batch_size), disable=not progress, desc="encode",
+                         unit="batch"):  # similar lengths together (less padding); rows written back in order
+            out[rows] = self._encode_batch([texts[r] for r in rows])
+        return out
+
+    # ----------------------------------------------------------------------------------------------- vectors
+    def check_vectors(self, vectors) -> np.ndarray:
+        return check_vectors(vectors, self.sentence_dim)
+
+    def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw) -> GenerationConfig:
+        """invemb.generation.generation_config for this model: at most max_length - 1 generated tokens."""
+        return generation_config(self.eos_id, self.max_length - 1, beam_size, max_length, **kw)
+
+    def decode_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
+        """Vectors [N,S] -> generated token ids per row (EOS excluded)."""
+        v = self.check_vectors(vectors)
+        cfg = self.generation_config(beam_size, max_length, **kw)
+        if self.one_pass:  # all positions at once, cut at the first EOS
+            return cut_at_eos(self._onepass_ids(v, cfg), self.eos_id)
+        return [h.tokens for h in generate(self._stepper(v), cfg)]
+
+    def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
+               progress: bool = False, **kw) -> list[str]:
+        """Vectors [N,S] -> texts. beam_size=1 is greedy. kw: length_penalty, no_repeat_ngram_size."""
+        from tqdm.auto import tqdm
+        v = self.check_vectors(vectors)
+        ids: list[list[int]] = []
+        for i in tqdm(range(0, len(v), batch_size), disable=not progress, desc="decode", unit="batch"):
+            ids.extend(self.decode_ids(v[i:i + batch_size], beam_size, max_length, **kw))
+        return self.detokenize(ids)
