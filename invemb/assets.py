@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import site
-import sys
 import sysconfig
 import tempfile
 import zipfile
@@ -28,7 +27,9 @@ def cache_dir() -> Path:
 
 
 def _site_dirs() -> list[Path]:
-    dirs = [sysconfig.get_paths()["purelib"], *site.getsitepackages(), *sys.path]
+    """Where pip puts packages for this interpreter: the venv's site-packages, the user site, $PYTHONPATH."""
+    dirs = [sysconfig.get_paths()["purelib"], *site.getsitepackages(), site.getusersitepackages(),
+            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     return [Path(d) for d in dict.fromkeys(dirs) if d and Path(d).is_dir()]
 
 

@@ -21,20 +21,14 @@ import platform
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `export.*` from the repository root
+from invemb.util import best_of
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Seconds of the fastest of `repeats` calls (after a warm-up): invemb.util.best_of."""
+    return best_of(fn, repeats)[1]
 
 
 def cpu_model() -> str:
@@ -88,7 +82,8 @@ def run(args) -> dict:
     import onnxruntime
     import torch
 
-    from export import optimize, to_onnx
+    from invemb.export import exporter as to_onnx
+    from invemb.export import optimize
     from invemb.config import preset
     from invemb.data import load_split
     from invemb.model import InvertibleEmbedder

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from invemb.paths import checkout_root
+
+REPO = checkout_root()
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -68,7 +69,7 @@ def bench_inprocess(fn, batches: list, concurrency: int, max_requests: int, max_
 def bench_triton(client, model: str, output: str, batches: list, concurrency: int, max_requests: int,
                  max_seconds: float) -> dict:
     """Asynchronous gRPC requests, `concurrency` in flight, until max_requests or max_seconds."""
-    from serving.client import ClientError, text_tensor
+    from invemb.serving.client import ClientError, text_tensor
     grpc = client.grpc
     done: queue.Queue = queue.Queue()
     latencies, n_texts, sent, in_flight = [], 0, 0, 0
@@ -112,7 +113,7 @@ def machine_info() -> dict:
 
 def prepare(args, work: Path) -> tuple[Path, Path, str]:
     """(repository, export dir, model description): export a checkpoint (or the untrained preset) into a repo copy."""
-    from export import to_onnx
+    from invemb.export import exporter as to_onnx
     ckpt, desc = args.checkpoint, f"checkpoint {args.checkpoint}"
     if not ckpt:
         import torch
@@ -198,8 +199,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from invemb.data import load_split
     from invemb.ort import OnnxEmbedder
-    from serving.client import TritonClient
-    from serving.launch import TritonServer
+    from invemb.serving.client import TritonClient
+    from invemb.serving.launch import TritonServer
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = [r.text for r in load_split(args.data).val[:512]]
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),

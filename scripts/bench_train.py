@@ -20,14 +20,15 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from invemb.paths import checkout_root
+from invemb.util import free_port
+
+REPO = checkout_root()
 
 # dense TFLOP/s (bf16, fp32 non-tensor-core) from the datasheets
 GPU_PEAK = {"H100 SXM": (989.4, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.4, 67.0), "H200": (989.4, 67.0),
@@ -105,9 +106,7 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
         cmd = [sys.executable, str(REPO / "train/run.py")]
         over.append("deepspeed_config=")  # the report recipes name zero2.json
     else:
-        with socket.socket() as sock:  # not the launcher's default 29500: other jobs may hold it
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()  # not the launcher's default 29500: other jobs may hold it
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(a.ranks), "--master_port", str(port),
                str(REPO / "train/run.py")]
         over.append(f"deepspeed_config={REPO / 'train/ds_config/zero2.json'}")
@@ -131,7 +130,7 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
 
 def bench_config(config: str, a, info: dict, log) -> list[str]:
     """Run every mode on one recipe; returns its markdown section."""
-    from train.run import load_config
+    from invemb.training.run import load_config
     cfg = load_config(config, a.override)
     a.recipe, a.batch_size = config, a.batch_size_arg or cfg.batch_size
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from invemb.errors import InvembError
+from invemb.paths import checkout_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = checkout_root()
 
 
 def _table(rows: list[dict], cols: list[str]) -> list[str]:

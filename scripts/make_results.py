@@ -13,7 +13,9 @@ import platform
 import shutil
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from invemb.paths import checkout_root
+
+REPO = checkout_root()
 RESULTS = REPO / "results"
 REPORT_ROWS = [  # the reference report's validation numbers (FinBERT encoder), for comparison
     ("report: autoregressive, attention pooling", 768, "0.502", "0.65 greedy / 0.70 beam", "0.64 greedy / 0.69 beam"),

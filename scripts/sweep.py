@@ -19,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from invemb.paths import checkout_root
+
+REPO = checkout_root()
 CONFIG = REPO / "train/configs/minilm-mq16.yaml"
 ARMS = {  # name -> recipe overrides (the base recipe is the shipped model's)
     "sampled4096": [],
