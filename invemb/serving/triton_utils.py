@@ -11,6 +11,18 @@ def invalid_arg(message: str):
     return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
+def load_model_assets(args: dict) -> tuple[dict, dict, object]:
+    """(model config, manifest, tokenizer) of a python model from its `initialize(args)`: manifest.json and
+    tokenizer/ beside model.py in the version folder (written by export/to_onnx.py --triton-repo)."""
+    import json
+    from pathlib import Path
+
+    from invemb.manifest import load_export_tokenizer, read_manifest
+    folder = Path(args["model_repository"]) / args["model_version"]
+    manifest = read_manifest(folder)
+    return json.loads(args["model_config"]), manifest, load_export_tokenizer(folder, manifest)
+
+
 def model_param(config: dict, key: str, default):
     """parameters { key: "<key>" value: { string_value: "..." } } of a model config (as a dict), else `default`;
     returned as a string (the caller converts: int(...))."""

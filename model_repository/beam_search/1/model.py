@@ -9,13 +9,12 @@ Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.j
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from invemb.serving.triton_utils import invalid_arg, model_param  # invemb: the server venv's installed package
+# invemb: the installed package of the venv whose python3 runs the stub (serving/README.md)
+from invemb.serving.triton_utils import invalid_arg, load_model_assets, model_param
 
 
 def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
@@ -34,12 +33,9 @@ def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        from invemb.manifest import cache_plan, load_export_tokenizer, read_manifest
-        config = json.loads(args["model_config"])
-        folder = Path(args["model_repository"]) / args["model_version"]
-        self.manifest = read_manifest(folder)
+        from invemb.manifest import cache_plan
+        config, self.manifest, self.tokenizer = load_model_assets(args)
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
-        self.tokenizer = load_export_tokenizer(folder, self.manifest)
         self.default_beam = int(model_param(config, "default_beam_size", 4))
         self.max_beam = int(model_param(config, "max_beam_size", 8))
 

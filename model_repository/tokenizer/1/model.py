@@ -8,14 +8,13 @@ the other requests of the batch are served.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from invemb.serving.triton_utils import invalid_arg, model_param  # invemb: the server venv's installed package
+# invemb: the installed package of the venv whose python3 runs the stub (serving/README.md)
+from invemb.serving.triton_utils import invalid_arg, load_model_assets, model_param
 
 
 def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
@@ -39,11 +38,7 @@ def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        from invemb.manifest import load_export_tokenizer, read_manifest
-        folder = Path(args["model_repository"]) / args["model_version"]
-        self.manifest = read_manifest(folder)
-        self.tokenizer = load_export_tokenizer(folder, self.manifest)
+        config, self.manifest, self.tokenizer = load_model_assets(args)
         self.max_length = int(self.manifest["max_length"])
         self.max_chars = int(model_param(config, "max_text_chars", 2000))
         logging.getLogger("invemb").setLevel(logging.ERROR)  # truncation warnings would flood the server log
