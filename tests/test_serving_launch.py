@@ -84,6 +84,7 @@ def test_dynamic_batch_is_split_back_per_request(add_server):
 
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(add_server.grpc_url)
+    before = client.get_inference_statistics("add_auto").model_stats[0]  # the server is shared by the module
     done: queue.Queue = queue.Queue()
     inputs = [np.full((1 + i % 3, 2 + i % 2), i, dtype=np.float32) for i in range(12)]
     for i, x in enumerate(inputs):
@@ -95,7 +96,12 @@ def test_dynamic_batch_is_split_back_per_request(add_server):
         assert error is None, error
         np.testing.assert_array_equal(result.as_numpy("y"), inputs[i] + 1)
     stats = client.get_inference_statistics("add_auto").model_stats[0]
-    assert stats.inference_count >= 12 and stats.execution_count <= stats.inference_count
+    # inference_count counts rows of the batch axis (max_batch_size > 0), summed over the requests
+    assert stats.inference_count - before.inference_count == sum(x.shape[0] for x in inputs)
+    runs = stats.execution_count - before.execution_count  # execute() calls: one per (dynamic) batch
+    assert 1 <= runs <= len(inputs)
+    succeeded = stats.inference_stats.success.count - before.inference_stats.success.count
+    assert succeeded == len(inputs)  # every request answered, none failed
 
 
 def test_wrong_input_is_a_clear_error_and_server_keeps_serving(add_server):

@@ -166,8 +166,10 @@ def test_cli_encode_decode_roundtrip(server, triton_repo, headlines32, reference
         and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_graph_stepper_with_onnxruntime_equals_ort_embedder(triton_repo, reference):
+def test_graph_stepper_with_onnxruntime_equals_ort_embedder(triton_repo, reference, toy_model):
     """The one Stepper the server and client use, run here by ONNX Runtime: same texts as OnnxEmbedder."""
+    import torch
+
     from invemb.generation import generate
     from invemb.graph_stepper import GraphStepper
     from invemb.ort import OnnxEmbedder
@@ -179,6 +181,12 @@ def test_graph_stepper_with_onnxruntime_equals_ort_embedder(triton_repo, referen
     v = reference["vectors"][:8]
     hyps = generate(GraphStepper(run, emb.manifest, v), emb.generation_config(beam_size=4))
     assert emb.detokenize([h.tokens for h in hyps]) == emb.decode(v, beam_size=4) == reference["texts"][:8]
+    # the torch Stepper (another implementation of the same decoder) finds the same tokens with the same scores
+    from invemb.model import TorchStepper
+    torch_hyps = generate(TorchStepper(toy_model.decoder, torch.as_tensor(v), toy_model.bos_id),
+                          toy_model.generation_config(beam_size=4))
+    assert [h.tokens for h in hyps] == [h.tokens for h in torch_hyps]
+    np.testing.assert_allclose([h.log_prob for h in hyps], [h.log_prob for h in torch_hyps], atol=1e-3, rtol=0)
 
 
 def test_an_adversarial_client_does_not_fail_good_ones(server, reference, headlines32):

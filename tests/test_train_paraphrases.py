@@ -1,4 +1,5 @@
-"""scripts/make_paraphrases.py (invemb.training.paraphrases): JSONL records readable by invemb.losses.load_paraphrases, resumable output.
+"""scripts/make_paraphrases.py (invemb.training.paraphrases): JSONL records readable by
+invemb.losses.load_paraphrases, resumable output.
 
 A tiny random causal LM (MiniLM tokenizer, no chat template) stands in for SmolLM2 / T5 to keep this fast."""
 from __future__ import annotations
