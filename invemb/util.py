@@ -1,8 +1,12 @@
-"""Small helpers with one home: a free TCP port on the loopback interface, a best-of-N wall-clock timer."""
+"""Small helpers with one home: a free TCP port on the loopback interface, a best-of-N wall-clock timer, the CPU's
+name (for the machine lines of results and model cards)."""
 from __future__ import annotations
 
+import os
+import platform
 import socket
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -23,3 +27,27 @@ def best_of(fn: Callable[[], object], repeats: int) -> tuple[object, float]:
         out = fn()
         best = min(best, time.perf_counter() - t)
     return out, best
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_machine(extra: str = "") -> str:
+    """One line: CPU, cores, OS/arch[, extra], no GPU unless torch sees one."""
+    gpu = "no GPU"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    parts = [cpu_name(), f"{os.cpu_count()} cores", f"{platform.system()} {platform.machine()}", extra, gpu]
+    return ", ".join(p for p in parts if p)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from invemb.paths import checkout_root
+from invemb.util import cpu_name
 from invemb.util import free_port
 
 REPO = checkout_root()
@@ -71,11 +72,7 @@ def cpu_peak_flops(trials: int = 3, seconds: float = 1.0) -> float:
 def machine() -> dict:
     import torch
     info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count()}
-    try:
-        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or "unknown"
+    info["cpu"] = cpu_name()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 from pathlib import Path
 
 from invemb.paths import checkout_root
+from invemb.util import describe_machine
 
 REPO = checkout_root()
 RESULTS = REPO / "results"
@@ -28,19 +28,6 @@ SHIPPED_POINTER = ("The shipped model (models/invemb-minilm-s768): **[fidelity.m
                    "validation split, newest 30 days, noise, compression, int8, learning curve); recipe levers: "
                    "[sweep.md](sweep.md); feature cache vs live backbone: [bench_cache.md](bench_cache.md). The "
                    "sections below are the older `small` pipeline recipe.")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
 
 
 def fidelity(run: Path) -> list[str]:
@@ -80,7 +67,7 @@ def main() -> None:
     run = Path(a.run)
     lines = ["# Results", "", "Measured numbers only. Each section names the command and the machine.", "",
              SHIPPED_POINTER, "",
-             f"Machine: {a.machine or machine()}.", ""]
+             f"Machine: {a.machine or describe_machine()}.", ""]
     if (run / "eval/metrics.json").is_file():
         lines += ["## Fidelity (CPU `small` recipe, the pipeline's training budget)", "", f"Command: `{a.command}`", ""]
         lines += fidelity(run)

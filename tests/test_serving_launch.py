@@ -1,6 +1,7 @@
 """The Triton launcher and the Python-based onnxruntime backend on hand-made ONNX graphs (no invemb model):
 server folder layout, config auto-complete vs explicit config, dynamic batching split-back, per-request errors,
-a failing start reported with the log tail, and a clean stop of the whole process group."""
+a failing start reported with the log tail, a clean stop of the whole process group, a crashed model process
+reloaded while clients ride through, and a server that dies with its owner."""
 from __future__ import annotations
 
 import os
@@ -171,6 +172,43 @@ def test_client_rejects_bad_arguments_before_sending():
     with pytest.raises(ClientError, match="--export"):
         client.decode(np.zeros((1, 4), np.float32), mode="client")
 
+
+def test_a_crashed_model_process_is_reloaded_and_clients_ride_through(tmp_path):
+    """SIGKILL the python-backend stub of a model (what the OOM killer does): tritonserver alone would answer
+    INTERNAL forever with readiness 200; the stub watch reloads the model, the client's retries bridge the gap,
+    the dead stub's shm region goes, outsiders cannot unload models, and a dead server is noticed."""
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+    from invemb.serving.client import TritonClient
+    from invemb.serving.launch import python_stubs
+    write_add_model(tmp_path / "repo" / "add" / "1")
+    (tmp_path / "repo" / "add" / "config.pbtxt").write_text(f'name: "add"\n{ADD_CONFIG}')
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with TritonServer(tmp_path / "repo", log_file=tmp_path / "server.log") as server:
+        client = TritonClient(server.grpc_url, timeout=30, retries=8, backoff=0.25)
+        np.testing.assert_array_equal(client.infer("add", {"x": x}, ["y"])["y"], x + 1)
+        outsider = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/add/unload", data=b"{}",
+                                          method="POST")
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # the repository API needs the secret header
+            urllib.request.urlopen(outsider, timeout=10)
+        (pid, (model, region)), = python_stubs(server.proc.pid, server.repo).items()
+        assert model == "add" and os.path.exists(f"/dev/shm/{region}")
+        os.kill(pid, signal.SIGKILL)
+        np.testing.assert_array_equal(client.infer("add", {"x": x}, ["y"])["y"], x + 1)  # retried until reloaded
+        deadline = time.monotonic() + 60
+        while not server.recoveries and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [(r["model"], r["ok"]) for r in server.recoveries] == [("add", True)], server.recoveries
+        (new_pid, (_, new_region)), = python_stubs(server.proc.pid, server.repo).items()
+        assert new_pid != pid and new_region != region and not os.path.exists(f"/dev/shm/{region}")
+        assert server.alive()
+        np.testing.assert_array_equal(client.infer("add", {"x": x}, ["y"])["y"], x + 1)
+        os.kill(server.proc.pid, signal.SIGKILL)  # the server itself dies
+        server.proc.wait(10)
+        assert not server.alive()
+    assert not os.path.exists(f"/dev/shm/{new_region}")  # stop() cleaned up after the dead server
 
 OWNER = """
 import time

@@ -5,6 +5,7 @@ The first DeepSpeed start on a fresh machine JIT-builds a small shared-memory co
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,11 @@ from _train_fixtures import DEEPSPEED, FAST, TOY, final_state, launch, records, 
 
 pytestmark = pytest.mark.slow
 ZERO = "deepspeed_config=train/ds_config/zero{}.json"
+SHM_LEFT: dict[str, set[str]] = {}  # fixture -> DeepSpeed /dev/shm regions its runs left behind
+
+
+def ds_regions() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_")}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +29,10 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero2(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "zero2"
+    before = ds_regions()
     p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, ZERO.format(2)], ranks=2)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    SHM_LEFT["zero2"] = ds_regions() - before
     assert p.stdout.count("done: 6 steps") == 1  # rank 0 alone prints
     return out
 
@@ -33,11 +41,13 @@ def zero2(data, tmp_path_factory):
 def zero3_resumed(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "zero3"
     args = ["--config", TOY, "--data", data, "--out", out, *FAST, ZERO.format(3)]
+    before = ds_regions()
     p = launch(args + ["--stop-after-steps", "3"], ranks=2)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert not (out / "final").exists()
     p = launch(args + ["--resume"], ranks=2)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    SHM_LEFT["zero3_resumed"] = ds_regions() - before
     return out
 
 
@@ -66,3 +76,11 @@ def test_zero3_killed_and_resumed_matches_zero2(zero2, zero3_resumed):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3_resumed"])
+def test_ranks_remove_their_shm_allreduce_regions(run, request):
+    """DeepSpeed's CPU allreduce makes one ~66 MB /dev/shm region per rank and never unlinks it; each rank of a
+    run (also one stopped by --stop-after-steps and resumed) removes its own at exit."""
+    request.getfixturevalue(run)
+    assert SHM_LEFT[run] == set()

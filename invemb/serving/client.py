@@ -8,8 +8,10 @@
 Server-side decoding calls the `beam_search` model (BLS); client-side decoding runs the core's beam search
 (invemb.generation.generate) here with `grpc_stepper`, whose start/step call `decoder_init`/`decoder_step` over
 gRPC; both give the same texts. Requests run asynchronously with a bounded number in flight, a per-request
-timeout, and retries with exponential backoff on UNAVAILABLE. A rejected request raises ClientError carrying the
-server's message (CLI: one line on stderr, exit code 2).
+timeout, and retries with exponential backoff on UNAVAILABLE and on the two transient answers of a model whose
+process crashed and is being reloaded by the server's stub watch (invemb.serving.launch.StubWatch): INTERNAL "Stub
+process ... is not healthy" and NOT_FOUND "... has no available versions". A rejected request raises ClientError
+carrying the server's message (CLI: one line on stderr, exit code 2).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import numpy as np
 from invemb.errors import InvembError
 
 RETRYABLE = ("UNAVAILABLE",)
+# (status, message part): a model process crashed (until the server notices) / the model is being reloaded
+RELOADING = (("INTERNAL", "is not healthy"), ("NOT_FOUND", "has no available versions"))
 NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
                 np.dtype(np.object_): "BYTES"}
 
@@ -76,14 +80,21 @@ class TritonClient:
 
     def _error(self, model: str, error) -> ClientError:
         status = str(error.status() or "").replace("StatusCode.", "")
-        return ClientError(f"{model}: {status or 'error'}: {error.message()}")
+        hint = (" (the server's model process crashed and did not come back within the retries: see the server "
+                "log)" if self._reloading(error) else "")
+        return ClientError(f"{model}: {status or 'error'}: {error.message()}{hint}")
 
     @staticmethod
-    def _retryable(error) -> bool:
-        return any(code in str(error.status() or "") for code in RETRYABLE)
+    def _reloading(error) -> bool:
+        status, message = str(error.status() or ""), str(error.message() or "")
+        return any(code in status and part in message for code, part in RELOADING)
+
+    @classmethod
+    def _retryable(cls, error) -> bool:
+        return any(code in str(error.status() or "") for code in RETRYABLE) or cls._reloading(error)
 
     def infer(self, model: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """One synchronous request (retried on UNAVAILABLE) -> {output name: array}."""
+        """One synchronous request (retried on UNAVAILABLE / a reloading model) -> {output name: array}."""
         from tritonclient.utils import InferenceServerException
         for attempt in range(self.retries + 1):
             try:

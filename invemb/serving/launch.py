@@ -11,11 +11,20 @@ libraries; it has NO onnxruntime backend. `build_server_dir` lays out a server f
     backends/onnxruntime/model.py  (our Python-based ONNX Runtime backend, invemb/serving/onnxruntime_backend.py)
 The stub must run THIS interpreter's libpython (LD_LIBRARY_PATH gets sysconfig LIBDIR) and find this venv's
 packages (PATH starts with this venv's bin). The server runs on 127.0.0.1, free ports, in its own process group.
+
+A crashed model process (a python-backend stub killed by the OOM killer, a segfault in a native library) is not
+noticed by tritonserver 2.51: every later request of that model fails INTERNAL while /v2/health/ready stays 200.
+`TritonServer` therefore watches the stubs (`StubWatch`) and reloads the model of a stub that died (explicit
+model control; the repository API is restricted to a per-server secret header, so clients cannot load or unload
+models). While the model reloads it is not ready, so readiness is false and clients get UNAVAILABLE (the invemb
+client retries those); `recoveries` records each event.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,6 +33,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +65,13 @@ while True:
     except ProcessLookupError:
         sys.exit(0)  # the server stopped by itself / was stopped: nothing to do
     time.sleep(0.5)
+for pid in filter(str.isdigit, os.listdir("/proc")):  # + the regions of stubs started since (reloaded models)
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        if os.getpgid(int(pid)) == pgid and len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+            shm.append(argv[2].decode())
+    except (OSError, ValueError):
+        pass
 for sig in (signal.SIGTERM, signal.SIGKILL):
     try:
         os.killpg(pgid, sig)
@@ -90,6 +107,68 @@ def _shm_regions() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if n.startswith("triton_") and SHM_MARK in n}
     except OSError:
         return set()
+
+
+ADMIN_HEADER = "invemb-admin"  # the header that opens the restricted model-repository API (value: per server)
+STUB_BINARY = b"triton_python_backend_stub"
+
+
+def python_stubs(pgid: int, repo: Path) -> dict[int, tuple[str, str]]:
+    """pid -> (model name, shm region) of the live python-backend stubs in process group `pgid` whose model lies
+    in `repo`. A stub's argv: <stub> <model file> <shm region> <shm size> <shm growth> <parent pid> <backend dir>
+    (a zombie has an empty cmdline and counts as dead)."""
+    out: dict[int, tuple[str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if len(argv) < 3 or not argv[0].endswith(STUB_BINARY):
+            continue
+        try:
+            model = Path(argv[1].decode()).resolve().relative_to(repo).parts[0]
+        except (ValueError, IndexError, UnicodeDecodeError):
+            continue
+        out[pid] = (model, argv[2].decode(errors="replace"))
+    return out
+
+
+class StubWatch(threading.Thread):
+    """Every `period` s: a stub of the server gone -> its model is reloaded (a new stub) and the dead stub's shm
+    region removed. Runs in the process that owns the TritonServer, until `stop` is set or the server exits."""
+
+    def __init__(self, server: "TritonServer", period: float = 1.0):
+        super().__init__(daemon=True, name="invemb-stub-watch")
+        self.server, self.period, self.stop = server, period, threading.Event()
+
+    def run(self) -> None:
+        srv = self.server
+        known = python_stubs(srv.proc.pid, srv.repo)
+        while not self.stop.wait(self.period) and srv.proc.poll() is None:
+            now = python_stubs(srv.proc.pid, srv.repo)
+            dead = {pid: v for pid, v in known.items() if pid not in now}
+            if not dead:
+                known = now
+                continue
+            for model in sorted({m for m, _ in dead.values()}):
+                ok, detail = srv.reload_model(model)
+                srv.recoveries.append({"model": model, "ok": ok, "detail": detail, "time": time.time()})
+            for _, region in dead.values():
+                _unlink_shm(region)
+            known = python_stubs(srv.proc.pid, srv.repo)
+            srv.shm = sorted(set(srv.shm) | {r for _, r in known.values()})  # the new stubs' regions
+
+
+def _unlink_shm(name: str) -> None:
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def _wheel_paths() -> tuple[Path, Path]:
@@ -170,7 +249,7 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, *, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None, echo: bool = False,
                  startup_timeout: float = 180.0, server_dir: str | os.PathLike | None = None,
-                 log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+                 log_verbose: int = 0, extra_args: tuple[str, ...] = (), watch_stubs: bool = True):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist")
@@ -184,6 +263,10 @@ class TritonServer:
         self.server_dir_arg, self.extra_args = server_dir, tuple(extra_args)
         self.proc: subprocess.Popen | None = None
         self._pump: threading.Thread | None = None
+        self.watch_stubs, self._watch = watch_stubs, None
+        self._admin = secrets.token_hex(16)  # the restricted model-repository API's header value
+        self.recoveries: list[dict] = []  # crashed model processes and their reloads (StubWatch)
+        self.shm: list[str] = []
 
     @property
     def grpc_url(self) -> str:
@@ -203,7 +286,12 @@ class TritonServer:
                 "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                 f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}", "--allow-gpu-metrics=false", "--exit-on-error=true",
-                "--strict-readiness=true", f"--log-verbose={self.log_verbose}", *self.extra_args]
+                "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+                # explicit model control (load every model at start), so that StubWatch can reload a crashed model;
+                # the repository API (load/unload) answers only requests carrying this server's secret header
+                "--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self._admin}",
+                f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self._admin}", *self.extra_args]
 
     def start(self) -> "TritonServer":
         server_dir = build_server_dir(self.server_dir_arg)
@@ -224,7 +312,46 @@ class TritonServer:
         self._reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(self.proc.pid),
                                          ",".join(self.shm)], start_new_session=True, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.watch_stubs and sys.platform.startswith("linux"):
+            self._watch = StubWatch(self)
+            self._watch.start()
         return self
+
+    def _repository_call(self, model: str, action: str, timeout: float) -> tuple[bool, str]:
+        """POST /v2/repository/models/<model>/<action> with the secret header; (ok, detail)."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}",
+                                     method="POST", headers={ADMIN_HEADER: self._admin,
+                                                             "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status == 200, f"{action} HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read() or b"{}").get("error", str(e))
+            except ValueError:
+                detail = str(e)
+            return False, f"{action} failed: {detail}"
+        except OSError as e:
+            return False, f"{action} failed: {e}"
+
+    def model_ready(self, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def reload_model(self, model: str, timeout: float = 120.0) -> tuple[bool, str]:
+        """Unload + load `model` (new python-backend stubs): a plain load of a loaded model whose files did not
+        change is a no-op in Triton, so the crashed instance would stay. (ok, detail)."""
+        ok, detail = self._repository_call(model, "unload", timeout)
+        if not ok:
+            return ok, detail
+        deadline = time.monotonic() + timeout
+        while self.model_ready(model) and time.monotonic() < deadline:  # unloading is asynchronous
+            time.sleep(0.2)
+        ok, detail = self._repository_call(model, "load", timeout)
+        return ok, ("reloaded" if ok else detail)
 
     def alive(self) -> bool:
         """The server process runs and answers ready (a crashed model makes readiness false: --strict-readiness)."""
@@ -281,6 +408,9 @@ class TritonServer:
         """SIGTERM to the server's process group, SIGKILL after `timeout` seconds; its shm regions removed."""
         if self.proc is None:
             return
+        if self._watch is not None:
+            self._watch.stop.set()
+            self._watch.join(timeout=5)
         pgid = self.proc.pid  # start_new_session: the server leads its own process group (pgid == pid)
         if self.proc.poll() is None:
             _signal_group(pgid, signal.SIGTERM)
@@ -292,11 +422,8 @@ class TritonServer:
         _signal_group(pgid, signal.SIGKILL)  # python-backend stubs left in the group (also after a crash)
         if self._pump is not None:
             self._pump.join(timeout=5)
-        for name in getattr(self, "shm", []):  # a killed stub leaves its region behind
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except OSError:
-                pass
+        for name in self.shm:  # a killed stub leaves its region behind
+            _unlink_shm(name)
         reaper = getattr(self, "_reaper", None)
         if reaper is not None and reaper.poll() is None:
             reaper.kill()

@@ -254,3 +254,29 @@ def init_distributed() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
+    _remove_shm_at_exit(ds_shm_buffer(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"]))
+
+
+def ds_shm_buffer(addr: str, port: str | int, rank: str | int) -> str:
+    """The /dev/shm region of a rank's CPU allreduce (DeepSpeed ops/csrc/cpu/comm/shm.cpp names it
+    deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>; DeepSpeed never unlinks it: ~66 MB per
+    rank and run stay in RAM until reboot)."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _remove_shm_at_exit(name: str) -> None:
+    """Unlink this rank's region when the process ends: normal exit, an exception, or SIGTERM (what the deepspeed
+    launcher sends the other ranks when one fails). The other ranks opened it at init, so their mappings stay valid
+    until they exit. Only SIGKILL leaves it behind."""
+    import atexit
+    import signal
+    import sys
+
+    def remove() -> None:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+    atexit.register(remove)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run atexit, then exit 143

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from invemb.errors import InvembError
+from invemb.util import describe_machine
 
 MAX_BYTES = 25 * 2 ** 20
 
@@ -60,18 +60,13 @@ def load_run_checkpoint(run: Path, tag: str | None = None):
 
 def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = None) -> Path:
     """Write the shipped model folder from a run's checkpoint; returns `out`."""
-    from invemb.model import InvertibleEmbedder, read_checkpoint_config
+    from invemb.model import InvertibleEmbedder
     run, out = Path(run), Path(out)
     model, raw, state, tag = load_run_checkpoint(run, tag)
     vals = [r for r in _read_jsonl(run / "metrics.jsonl") if r["kind"] == "val" and r["step"] <= state["step"]]
-    history = []
     init_from = raw.get("init_from") or ""
-    if init_from:  # continuing a shipped model: carry its history (cumulative CPU hours)
-        try:
-            prev = read_checkpoint_config(Path(init_from) if Path(init_from).is_absolute() else Path.cwd() / init_from)
-            history = list(prev.get("info", {}).get("history", []))
-        except InvembError:
-            history = []
+    prev_info = _init_info(init_from)  # continuing a shipped model: carry its history (cumulative CPU hours)
+    history = list(prev_info.get("history", []))
     base_cpu = history[-1]["cpu_hours_cumulative"] if history else 0.0
     base_steps = history[-1]["steps_cumulative"] if history else 0
     cpu_h = float(state.get("cpu_total_s", 0.0)) / 3600
@@ -86,13 +81,14 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     if metrics:
         entry["metrics"] = metrics
     history.append(entry)
-    info = {"recipe": raw, "history": history, "machine": _machine(), "curve": [
+    info = {"recipe": raw, "history": history, "machine": describe_machine(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"), "curve": [
                 {"step": base_steps + r["step"], "cpu_hours_cumulative": round(
                     base_cpu + r.get("cpu_total_s", 0.0) / 3600, 4), "val_top1": r["val_top1"],
                  "val_loss": r["val_loss"], **{k: r[k] for k in ("val_greedy_bleu", "val_greedy_exact") if k in r}}
                 for r in vals]}
     if history[:-1]:
-        info["curve"] = [c for h in _prev_curves(init_from) for c in h] + info["curve"]
+        info["curve"] = list(prev_info.get("curve", [])) + info["curve"]
     model.save_pretrained(out, backbone=False, dtype=torch.float16, extra=info)
     size = (out / "model.safetensors").stat().st_size
     if size > MAX_BYTES:
@@ -101,26 +97,16 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     return out
 
 
-def _machine() -> str:
-    import os
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU"
-
-
-def _prev_curves(init_from: str) -> list[list[dict]]:
+def _init_info(init_from: str) -> dict:
+    """The "info" (history, curve) of the model a run started from; {} for a run from scratch or an unreadable one."""
     from invemb.model import read_checkpoint_config
+    if not init_from:
+        return {}
+    p = Path(init_from)
     try:
-        p = Path(init_from)
-        return [read_checkpoint_config(p if p.is_absolute() else Path.cwd() / p).get("info", {}).get("curve", [])]
+        return dict(read_checkpoint_config(p if p.is_absolute() else Path.cwd() / p).get("info", {}))
     except InvembError:
-        return []
+        return {}
 
 
 def write_card(folder: Path) -> Path:
