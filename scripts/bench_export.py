@@ -23,22 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from invemb.util import best_of
+from invemb.util import best_of, cpu_name
 
 
 def best_time(fn, repeats: int) -> float:
     """Seconds of the fastest of `repeats` calls (after a warm-up): invemb.util.best_of."""
     return best_of(fn, repeats)[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def step_bench(model, emb, vecs, lengths, repeats: int) -> list[dict]:
@@ -117,7 +107,7 @@ def run(args) -> dict:
     cfg = model.config
     return {
         "command": "python scripts/bench_export.py " + shlex.join(args.argv),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "threads": args.threads,

@@ -23,20 +23,22 @@ from invemb.paths import checkout_root
 
 REPO = checkout_root()
 CONFIG = REPO / "train/configs/minilm-mq16.yaml"
-ARMS = {  # name -> recipe overrides (the base recipe is the shipped model's)
-    "sampled4096": [],
-    "full": ["sampled_softmax=0"],
-    "single-query": ["model.encoder.pooling=attention", "model.decoder.memory_mode=linear",
-                     "model.decoder.memory_slots=4"],
-    "full-vocab": ["compact_vocab=false"],
-    "no-bucketing": ["bucket_batches=false"],
-    "lr3e-3": ["lr=3.0e-3"],
+NO_LEVERS = ["augment_crops=0", "word_dropout=0.0"]  # the recipe before round 2 added crops + word dropout
+ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm changes one lever of its round's base
+    # round 1 (from scratch)
+    "sampled4096": NO_LEVERS,
+    "full": NO_LEVERS + ["sampled_softmax=0"],
+    "single-query": NO_LEVERS + ["model.encoder.pooling=attention", "model.decoder.memory_mode=linear",
+                                 "model.decoder.memory_slots=4"],
+    "full-vocab": NO_LEVERS + ["compact_vocab=false"],
+    "no-bucketing": NO_LEVERS + ["bucket_batches=false"],
+    "lr3e-3": NO_LEVERS + ["lr=3.0e-3"],
+    "d384x4": NO_LEVERS + ["model.decoder.d_model=384", "model.decoder.n_layers=4", "model.decoder.n_heads=6",
+                           "model.decoder.d_ff=1536"],
     # round 2 (continuing the shipped model, which overfits: train loss 0.26 vs val 1.47 at step 4000)
-    "continue": [],
-    "crops2": ["augment_crops=2"],
-    "word-drop0.15": ["word_dropout=0.15"],
-    "d384x4": ["model.decoder.d_model=384", "model.decoder.n_layers=4", "model.decoder.n_heads=6",
-               "model.decoder.d_ff=1536"],
+    "continue": NO_LEVERS,
+    "crops2": ["augment_crops=2", "word_dropout=0.0"],
+    "word-drop0.15": ["augment_crops=0", "word_dropout=0.15"],
 }
 
 
