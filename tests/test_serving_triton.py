@@ -79,6 +79,33 @@ def test_client_side_and_server_side_decode_agree(client, reference, triton_repo
     assert server_side == client_side == reference["texts"]
 
 
+def step_count(client, model: str) -> int:
+    stats = client.client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
+def test_server_side_search_holds_its_own_decoder_sessions(client, reference):
+    """decoder_runner onnxruntime (the default): beam_search runs the decoder graphs in its own ORT sessions, so a
+    server-side decode makes no request to the decoder_step model, and gives the reference texts."""
+    before = step_count(client, "decoder_step")
+    assert client.decode(reference["vectors"][:8], beam_size=4, batch_size=4) == reference["texts"][:8]
+    assert step_count(client, "decoder_step") == before
+
+
+def test_bls_runner_gives_the_same_texts(triton_repo, reference, tmp_path_factory):
+    """decoder_runner bls: one BLS request per step to decoder_init/decoder_step, same texts."""
+    repo = tmp_path_factory.mktemp("bls") / "repo"
+    shutil.copytree(triton_repo[0], repo)
+    cfg = repo / "beam_search" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('string_value: "onnxruntime"', 'string_value: "bls"'))
+    assert '"bls"' in cfg.read_text()
+    with TritonServer(repo, startup_timeout=300, log_file=repo.parent / "server.log") as s, \
+            TritonClient(s.grpc_url, timeout=120, ready_timeout=60) as c:
+        before = step_count(c, "decoder_step")
+        assert c.decode(reference["vectors"][:8], beam_size=4, batch_size=4) == reference["texts"][:8]
+        assert step_count(c, "decoder_step") > before
+
+
 @pytest.mark.parametrize("beam_size,max_length", [(1, None), (3, 6)])
 def test_decode_options_match_in_process(client, reference, toy_model, triton_repo, beam_size, max_length):
     manifest, tokenizer = load_export(triton_repo[1])

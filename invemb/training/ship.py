@@ -119,6 +119,7 @@ def write_card(folder: Path) -> Path:
     hist = info.get("history", [])
     last = hist[-1] if hist else {}
     enc, dec = m["encoder"], m["decoder"]
+    recipe = info.get("recipe", {})
     size = (folder / "model.safetensors").stat().st_size / 2 ** 20
     lines = [
         f"# {folder.name}", "",
@@ -141,8 +142,11 @@ def write_card(folder: Path) -> Path:
         "- Data: Kaggle Financial News Headlines (CNBC, Guardian, Reuters 2017-2020), 53,157 unique headlines, "
         "seeded 90/10 split (seed 0); the newest 30 days (by the Time column) are held out of training.",
         f"- Recipe: `train/configs/minilm-mq16.yaml` (feature cache, length-bucketed batches, AdamW lr "
-        f"{info.get('recipe', {}).get('lr')}, cosine, sampled softmax "
-        f"{info.get('recipe', {}).get('sampled_softmax')} negatives).",
+        f"{recipe.get('lr')}, cosine, sampled softmax {recipe.get('sampled_softmax')} negatives"
+        + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
+           if recipe.get("augment_crops") else "")
+        + (f", word dropout {recipe['word_dropout']} on decoder inputs" if recipe.get("word_dropout") else "")
+        + "). Epochs count the training texts of the run (headlines + crops).",
         f"- Machine: {info.get('machine', '?')}.", "",
         "| date | run | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- |"]

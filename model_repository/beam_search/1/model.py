@@ -1,14 +1,20 @@
 """Triton python model `beam_search` (BLS): sentence_embedding [batch, S] -> text (BYTES), score [batch, 1].
 
 Runs the core's ONE search, `invemb.generation.generate`, with an `invemb.graph_stepper.GraphStepper` whose
-start/step call the `decoder_init` / `decoder_step` models through `pb_utils.InferenceRequest(...).exec()`, then
-the core's detokenization (`invemb.text.detokenize_ids`). Optional inputs `beam_size` and `max_length` (int32,
+start/step run the `decoder_init` / `decoder_step` graphs, then the core's detokenization
+(`invemb.text.detokenize_ids`). Parameter `decoder_runner`:
+  onnxruntime (default) - this model instance holds its own ONNX Runtime sessions of the two graphs (the files
+      Triton serves as the decoder_init / decoder_step models), so the KV cache and the [N, V] log-probs of every
+      step never leave the process (no per-step round trip through the server);
+  bls - one `pb_utils.InferenceRequest(...).exec()` per step to the decoder models (what a deployment wants when
+      those models run elsewhere, e.g. on a GPU instance group, while the search runs on CPU). Optional inputs `beam_size` and `max_length` (int32,
 one value per request; defaults: parameter `default_beam_size`, the manifest's generation max length).
 Requests the dynamic batcher hands over together with the same settings share one search.
 Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -31,6 +37,24 @@ def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
     return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in output_names}
 
 
+def session_runner(repository: Path, threads: int):
+    """Runner for GraphStepper: ONNX Runtime sessions of the decoder graphs placed in the repository
+    (<repository>/<graph>/<newest version>/model.onnx), held by this model instance."""
+    from invemb.ort import make_session
+    sessions = {}
+    for graph in ("decoder_init", "decoder_step"):
+        versions = sorted((int(p.name) for p in (repository / graph).iterdir() if p.name.isdigit()
+                           and (p / "model.onnx").is_file()), reverse=True) if (repository / graph).is_dir() else []
+        if not versions:
+            raise RuntimeError(f"decoder_runner onnxruntime: no {repository / graph}/<version>/model.onnx "
+                               "(export/to_onnx.py --triton-repo places it)")
+        sessions[graph] = make_session(repository / graph / str(versions[0]) / "model.onnx", threads)
+
+    def run(graph: str, feeds: dict, output_names: list) -> dict:
+        return dict(zip(output_names, sessions[graph].run(list(output_names), feeds)))
+    return run
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from invemb.manifest import cache_plan
@@ -38,6 +62,14 @@ class TritonPythonModel:
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
         self.default_beam = int(model_param(config, "default_beam_size", 4))
         self.max_beam = int(model_param(config, "max_beam_size", 8))
+        self.runner_kind = model_param(config, "decoder_runner", "onnxruntime")
+        if self.runner_kind == "onnxruntime":
+            threads = int(model_param(config, "intra_op_thread_count", 1))
+            self.run_graph = session_runner(Path(args["model_repository"]).parent, threads)
+        elif self.runner_kind == "bls":
+            self.run_graph = bls_run
+        else:
+            raise ValueError(f"parameter decoder_runner must be onnxruntime or bls, got {self.runner_kind!r}")
 
     def _settings(self, request) -> tuple[np.ndarray, int, int | None]:
         """Validated (vectors [B,S], beam_size, max_length) of one request; InvembError when bad."""
@@ -83,7 +115,7 @@ class TritonPythonModel:
         for (beam, max_length), members in groups.items():
             try:
                 vectors = np.concatenate([v for _, v in members])  # [sum B, S]
-                hyps = generate(GraphStepper(bls_run, self.manifest, vectors),
+                hyps = generate(GraphStepper(self.run_graph, self.manifest, vectors),
                                 generation_config(self.manifest, beam, max_length))
                 texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
                 start = 0
