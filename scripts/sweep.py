@@ -77,7 +77,8 @@ def report(arms: list[str], root: Path, out: Path, minutes: float, command: str)
             continue
         curve = read_curve(run)
         curves[arm] = curve
-        last = curve[-1] if curve else {}
+        within = [p for p in curve if p["minutes"] <= minutes + 0.5]  # the arm's budget (a run continued later
+        last = (within or curve or [{}])[-1]                             # keeps its curve, not its table row)
         rows.append({"arm": arm, "overrides": " ".join(ARMS.get(arm, [])) or "(base recipe)",
                      "median s/step": step_seconds(run), "steps": last.get("step"),
                      "minutes": last.get("minutes"), "val top-1": last.get("val_top1"),
