@@ -52,3 +52,16 @@ def records(run: Path, kind: str) -> list[dict]:
 def final_state(run: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(run / "final" / "model.safetensors"))
+
+
+def assert_final_reproduces_examples(run: Path) -> None:
+    """examples.md row 1 (| 1 | headline | greedy | beam 4 |; " ✓" marks an exact one) was decoded by the training
+    process from its final model; run/final loaded here must give the same greedy and beam-4 texts."""
+    import re
+
+    from invemb.model import InvertibleEmbedder
+    row = (run / "examples.md").read_text().splitlines()[2]
+    cells = [c.strip().removesuffix(" ✓").replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    model = InvertibleEmbedder.from_pretrained(run / "final")
+    vec = model.encode([cells[1]])
+    assert model.decode(vec, beam_size=1)[0] == cells[2] and model.decode(vec, beam_size=4)[0] == cells[3], cells

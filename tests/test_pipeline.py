@@ -18,7 +18,10 @@ def test_pipeline_toy_end_to_end_and_resume(data_dir, tmp_path):
         assert (out / f"{stage}.done").is_file(), stage
         assert f"{stage}: done in" in r.stdout
     rows = json.loads((out / "serve/roundtrip.json").read_text())
-    assert len(rows) == 3 and all(isinstance(x["roundtrip"], str) for x in rows)
+    from invemb.model import InvertibleEmbedder  # Triton's round trip == the trained model's, in process
+    model = InvertibleEmbedder.from_pretrained(out / "train/final")
+    originals = [x["original"] for x in rows]
+    assert len(rows) == 3 and [x["roundtrip"] for x in rows] == model.decode(model.encode(originals), beam_size=4)
     assert "Round trip through Triton" in (out / "summary.md").read_text()
     assert json.loads((out / "eval/metrics.json").read_text())["n"] == 8
     r2 = subprocess.run(PIPE + args + ["--resume"], capture_output=True, text=True, timeout=300)

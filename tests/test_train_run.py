@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from _train_fixtures import FAST, REPO, RUN, TOY, env, final_state, launch, records, write_headlines
+from _train_fixtures import (FAST, REPO, RUN, TOY, assert_final_reproduces_examples, env, final_state, launch, records,
+                             write_headlines)
 
 from invemb.training import run as train_run
 
@@ -29,7 +30,6 @@ def uninterrupted(data, tmp_path_factory):
 
 
 def test_run_folder_has_config_metrics_plots_examples_and_final(uninterrupted):
-    from invemb.model import InvertibleEmbedder
     out = uninterrupted
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["max_steps"] == 6 and cfg["model"]["encoder"]["sentence_dim"] == 64
@@ -48,9 +48,7 @@ def test_run_folder_has_config_metrics_plots_examples_and_final(uninterrupted):
     assert table[0].startswith("| # | validation headline | greedy | beam 4 |") and len(table) >= 2 + 12
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_val"]["step"] == 6 and summary["engine"] == "plain"
-    model = InvertibleEmbedder.from_pretrained(out / "final")
-    texts = model.decode(model.encode(["Apple shares jump after earnings"]), beam_size=2)
-    assert isinstance(texts, list) and len(texts) == 1 and isinstance(texts[0], str)
+    assert_final_reproduces_examples(out)
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(uninterrupted, data, tmp_path):
