@@ -133,3 +133,24 @@ def test_fine_tuning_losses_train_end_to_end(data, tmp_path):
     assert all(r["sim"] > 0 and r["para"] > 0 for r in train)
     assert all(r["loss"] == pytest.approx(r["ce"] + 0.5 * r["sim"] + r["para"], rel=1e-5) for r in train)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path):
+    """ship(): a run continuing a shipped model (init_from) adds its steps, CPU hours and curve to the model's
+    lineage; shipping the same run again (e.g. to add metrics) replaces its entry instead of counting it twice."""
+    from invemb.training.ship import ship
+    shipped = tmp_path / "models" / "toy-shipped"
+    ship(uninterrupted, shipped)
+    first = json.loads((shipped / "config.json").read_text())["info"]
+    assert [h["steps"] for h in first["history"]] == [6] and len(first["curve"]) == 2  # val at steps 3, 6
+    second_run = tmp_path / "b"
+    p = launch(["--config", TOY, "--data", data, "--out", second_run, *FAST, f"init_from={shipped}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    for metrics in (None, {"bleu": 1.0}):  # shipped twice from the same run
+        ship(second_run, shipped, metrics=metrics)
+        info = json.loads((shipped / "config.json").read_text())["info"]
+        assert [h["steps_cumulative"] for h in info["history"]] == [6, 12]
+        assert [c["step"] for c in info["curve"]] == [3, 6, 9, 12]
+        cpu = [h["cpu_hours_cumulative"] for h in info["history"]]
+        assert cpu[1] == pytest.approx(cpu[0] + info["history"][1]["cpu_hours"], abs=2e-3)
+    assert info["history"][1]["metrics"] == {"bleu": 1.0}

@@ -66,7 +66,14 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     vals = [r for r in _read_jsonl(run / "metrics.jsonl") if r["kind"] == "val" and r["step"] <= state["step"]]
     init_from = raw.get("init_from") or ""
     prev_info = _init_info(init_from)  # continuing a shipped model: carry its history (cumulative CPU hours)
-    history = list(prev_info.get("history", []))
+    history, prev_curve = list(prev_info.get("history", [])), list(prev_info.get("curve", []))
+    if history and history[-1].get("run") == str(run) and history[-1].get("init_from") == (init_from or None):
+        # the model being replaced came from this same run (shipped again: a later checkpoint, or to add the
+        # fidelity metrics): replace its entry and its part of the curve instead of counting the run twice
+        shipped_before = history.pop()
+        history_points = sum(1 for r in _read_jsonl(run / "metrics.jsonl")
+                             if r["kind"] == "val" and r["step"] <= shipped_before["steps"])
+        prev_curve = prev_curve[:len(prev_curve) - history_points]
     base_cpu = history[-1]["cpu_hours_cumulative"] if history else 0.0
     base_steps = history[-1]["steps_cumulative"] if history else 0
     cpu_h = float(state.get("cpu_total_s", 0.0)) / 3600
@@ -88,8 +95,10 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
                  "val_loss": r["val_loss"], **{k: r[k] for k in ("val_greedy_bleu", "val_greedy_exact") if k in r}}
                 for r in vals]}
     if history[:-1]:
-        info["curve"] = list(prev_info.get("curve", [])) + info["curve"]
-    model.save_pretrained(out, backbone=False, dtype=torch.float16, extra=info)
+        info["curve"] = prev_curve + info["curve"]
+    enc = model.config.encoder  # a frozen pretrained backbone is referenced (its pip package), any other stored
+    model.save_pretrained(out, backbone=not (enc.freeze_backbone and not enc.random_init), dtype=torch.float16,
+                          extra=info)
     size = (out / "model.safetensors").stat().st_size
     if size > MAX_BYTES:
         raise InvembError(f"{out / 'model.safetensors'} is {size / 2 ** 20:.1f} MB (> 25 MB)")
