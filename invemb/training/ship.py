@@ -86,7 +86,7 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
              "cpu_hours_cumulative": round(base_cpu + cpu_h, 3), "init_from": init_from or None,
              "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
     if metrics:
-        entry["metrics"] = metrics
+        entry["metrics"] = card_metrics(metrics)
     history.append(entry)
     info = {"recipe": raw, "history": history, "machine": describe_machine(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"), "curve": [
@@ -103,6 +103,32 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     if size > MAX_BYTES:
         raise InvembError(f"{out / 'model.safetensors'} is {size / 2 ** 20:.1f} MB (> 25 MB)")
     InvertibleEmbedder.from_pretrained(out)  # it must load offline
+    return out
+
+
+def card_metrics(metrics: dict) -> dict:
+    """The model card's headline numbers: from a scripts/fidelity.py JSON (val / newest / int8 sections) one line
+    per set and decode; any other dict is kept as it is."""
+    if not all(k in metrics for k in ("val", "newest")):
+        return metrics
+    out = {}
+    for key, name in (("val", "validation"), ("newest", "newest 30 days (held out)")):
+        res = metrics[key]
+        for mode in ("greedy", "beam4"):
+            m = res.get(mode)
+            if m:
+                out[f"{name} ({res['n']:,}), {mode}"] = (
+                    f"token acc {m['token_acc']:.3f}, exact {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
+                    f"BERTScore {m['bertscore_f1']:.3f} (first {m['scored_n']})")
+    tf = metrics["val"].get("teacher_forced", {})
+    if tf:
+        out["teacher-forced top-1 / top-5 / top-100 (validation)"] = \
+            f"{tf['top1']:.3f} / {tf['top5']:.3f} / {tf['top100']:.3f}"
+    int8 = metrics.get("int8") or {}
+    if "fp32" in int8 and "int8" in int8:
+        out[f"ORT int8 vs fp32 ({int8.get('n', '?')}, beam 4)"] = (
+            f"same text {int8.get('same_text_rate', float('nan')):.3f}; BLEU {int8['int8']['bleu']:.1f} vs "
+            f"{int8['fp32']['bleu']:.1f}")
     return out
 
 
