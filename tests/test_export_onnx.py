@@ -201,7 +201,7 @@ def test_validate_cli_passes(toy_checkpoint, onnx_dir, data_dir, capsys):
 def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     """optimize.py: fused + int8 graphs load through the manifest and cost at most 5 points of token accuracy
     (and 0.01 of encoder cosine) on the memorised headlines."""
-    from export import optimize
+    from invemb.export import optimize
     d = tmp_path / "onnx"
     shutil.copytree(onnx_dir, d)
     made = optimize.make_variants(d, ("opt", "int8"))
