@@ -26,6 +26,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from invemb.errors import InvembError
+from invemb.util import read_json
 
 SYMBOLIC = ("batch", "sequence", "past", "new")  # dynamic axes; "past+new" appears in output shapes only
 
@@ -204,10 +205,7 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     path = Path(export_dir) / MANIFEST_FILE
     if not path.is_file():
         raise InvembError(f"{export_dir} is not an invemb ONNX export (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InvembError(f"{path} is not valid JSON: {e}") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_VERSION:
         raise InvembError(f"{path}: unsupported manifest (format_version {MANIFEST_VERSION} expected)")
     return manifest

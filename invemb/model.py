@@ -28,6 +28,7 @@ from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, log_softmax, reorder_rows
 from invemb.text import IGNORE, check_vectors, detokenize_ids, detokenize_spacing, tokenize_texts  # noqa: F401
+from invemb.util import read_json
 
 log = logging.getLogger("invemb")
 FORMAT_VERSION = 1
@@ -232,10 +233,7 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
 def read_checkpoint_config(path: Path) -> dict:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise InvembError(f"{path} is not an invemb checkpoint (expected config.json and model.safetensors)")
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise InvembError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    meta = read_json(path / "config.json")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "invemb_model" not in meta:
         raise InvembError(f"{path / 'config.json'} is not an invemb checkpoint config "
                           f"(format_version {FORMAT_VERSION} expected)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -104,10 +103,8 @@ def stage_evaluate(a, out: Path) -> None:
 
 
 def stage_export(a, out: Path) -> None:
-    repo = out / "model_repository"
-    if repo.exists():
-        shutil.rmtree(repo)
-    shutil.copytree(source_file("model_repository"), repo, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    from invemb.export.exporter import fresh_triton_repo
+    repo = fresh_triton_repo(out / "model_repository")
     _run([sys.executable, source_file("export/to_onnx.py"), "--checkpoint", model_dir(a, out), "--out", out / "onnx",
           "--triton-repo", repo], out / "logs/export.log")
 

@@ -1,13 +1,32 @@
 """Small helpers with one home: a free TCP port on the loopback interface, a best-of-N wall-clock timer, the CPU's
-name (for the machine lines of results and model cards)."""
+name (for the machine lines of results and model cards), a JSON file reader with user-facing errors."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import time
 from pathlib import Path
 from typing import Callable
+
+from invemb.errors import InvembError
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> object:
+    """The parsed JSON of `path`; InvembError naming the file (and the line/column of a syntax error) otherwise.
+
+    `what` names the file for the user ("deepspeed_config", "an invemb checkpoint config") in the message."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise InvembError(f"{label} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvembError(f"{label} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvembError(f"{label} cannot be read: {e}") from None
 
 
 def free_port() -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -59,10 +58,8 @@ def run(a) -> dict:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="invemb-load-"))
     export, repo = work / "onnx", work / "model_repository"
-    if repo.exists():
-        shutil.rmtree(repo)
-    shutil.copytree(REPO / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
-    from invemb.export.exporter import main as export_main
+    from invemb.export.exporter import fresh_triton_repo, main as export_main
+    fresh_triton_repo(repo)
     args = ["--out", str(export), "--triton-repo", str(repo)] + (["--checkpoint", a.checkpoint] if a.checkpoint else [])
     if export_main(args) != 0:
         raise SystemExit("export failed")

@@ -242,6 +242,20 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def fresh_triton_repo(dst: str | os.PathLike) -> Path:
+    """dst/ = a clean copy of the checkout's committed model_repository/ (config.pbtxt + Python models; no
+    generated graphs): the folder that place_in_triton_repo then fills. An existing dst is replaced."""
+    from invemb.paths import checkout_root
+    src, dst = checkout_root() / "model_repository", Path(dst)
+    if not src.is_dir():
+        raise InvembError(f"model_repository/ not found in {checkout_root()} (invemb must be installed from a "
+                          "source checkout: pip install -e .)")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    return dst
+
+
 def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
                          variant: str | None = None) -> list[Path]:
     """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.

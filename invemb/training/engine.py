@@ -17,6 +17,7 @@ import torch
 from invemb.config import TrainConfig
 from invemb.errors import InvembError
 from invemb.paths import resolve_path
+from invemb.util import read_json
 
 STATE_FILE = "invemb_state.json"
 
@@ -36,12 +37,9 @@ def load_ds_config(cfg: TrainConfig, world: int) -> dict:
 
     A numeric value that disagrees with the recipe is an error: set it in the YAML instead."""
     p = resolve_path(cfg.deepspeed_config)
-    if not p.is_file():
-        raise InvembError(f"deepspeed_config {cfg.deepspeed_config!r} does not exist")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InvembError(f"deepspeed_config {p} is not valid JSON: {e}") from None
+    ds = read_json(p, "deepspeed_config")
+    if not isinstance(ds, dict):
+        raise InvembError(f"deepspeed_config {p}: a JSON object expected")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise InvembError(f"{p}: remove '{key}': the recipe's client AdamW + ReduceLROnPlateau are used")
