@@ -6,6 +6,13 @@ Any backend (torch, ONNX Runtime, Triton BLS, a gRPC client) plugs in by impleme
     step(tokens [N] int64, cache) -> (log_probs [N, V], cache)
     reorder(cache, rows [N] int64) -> cache                  # keep/duplicate rows (beam reordering, finished items)
 
+Optional capability, top-k candidates: a stepper with `max_candidates = m` (> 0) also accepts
+`start(num_beams, candidates=n)` for n <= m, and from then on returns `Candidates` (each row's n best log-probs and
+their ids, best first, ties by lower id) instead of full rows, e.g. from graphs that end in TopK. The search asks
+for n = 2 x beam (1 for greedy): the 2k best of k x V beam extensions are always among the union of each beam's 2k
+best tokens, so both forms rank exactly the same candidates and give identical hypotheses (tests/
+test_core_generation.py). n-gram blocking must see every token, so it always asks for full rows.
+
 This module imports only numpy so that servers and clients can use it without torch.
 """
 from __future__ import annotations
@@ -18,6 +25,24 @@ import numpy as np
 NEG_INF = -1e9
 
 
+@dataclass
+class Candidates:
+    """The best next tokens of each row, in place of its full log-prob row (a Stepper's top-k form)."""
+    log_probs: np.ndarray  # [N,n] float, best first
+    ids: np.ndarray  # [N,n] int64 token ids (ties: lower id first)
+    vocab_size: int  # V of the full rows these were taken from
+
+    def __post_init__(self):
+        if self.log_probs.shape != self.ids.shape or self.log_probs.ndim != 2:
+            raise ValueError(f"Candidates: log_probs {self.log_probs.shape} and ids {self.ids.shape} must be [N,n]")
+
+    @classmethod
+    def of(cls, log_probs: np.ndarray, n: int) -> "Candidates":
+        """The n best of full rows [N,V] (ties by lower id): what a TopK graph output holds."""
+        ids = top_n(log_probs, n)  # [N,n]
+        return cls(np.take_along_axis(log_probs, ids, axis=1), ids, log_probs.shape[1])
+
+
 class Stepper(Protocol):
     batch_size: int
 
@@ -26,6 +51,14 @@ class Stepper(Protocol):
     def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
 
     def reorder(self, cache: Any, rows: np.ndarray) -> Any: ...
+
+
+def start_search(stepper: Stepper, num_beams: int, candidates: int, cfg: "GenerationConfig"):
+    """stepper.start, asking for `candidates` per row when the stepper can give them and the search needs no
+    full rows (n-gram blocking); returns full rows [N,V] or Candidates."""
+    if candidates and not cfg.no_repeat_ngram_size and getattr(stepper, "max_candidates", 0) >= candidates:
+        return stepper.start(num_beams, candidates=candidates)
+    return stepper.start(num_beams)
 
 
 def reorder_rows(cache: dict, rows: np.ndarray) -> dict:
@@ -102,8 +135,8 @@ def _ban_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int) -> None:
 
 def greedy_search(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
     """Argmax decoding for every item at once; finished rows are dropped from the batch."""
-    lp, cache = stepper.start(1)
-    b = lp.shape[0]
+    lp, cache = start_search(stepper, 1, 1, cfg)  # [B,V] or Candidates [B,1]
+    b = lp.ids.shape[0] if isinstance(lp, Candidates) else lp.shape[0]
     tokens: list[list[int]] = [[] for _ in range(b)]
     totals = np.zeros(b)
     done = np.zeros(b, dtype=bool)
@@ -112,8 +145,12 @@ def greedy_search(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
         if cfg.no_repeat_ngram_size:
             history = np.array([tokens[i] for i in alive], dtype=np.int64).reshape(len(alive), t)
             _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
-        nxt = lp.argmax(-1)
-        totals[alive] += lp[np.arange(len(alive)), nxt]
+        if isinstance(lp, Candidates):
+            nxt, gain = lp.ids[:, 0], lp.log_probs[:, 0]  # the argmax (first of ties) of each full row
+        else:
+            nxt = lp.argmax(-1)
+            gain = lp[np.arange(len(alive)), nxt]
+        totals[alive] += gain
         ended = nxt == cfg.eos_id
         for row, item in enumerate(alive):
             if ended[row]:
@@ -130,6 +167,24 @@ def greedy_search(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
                        float(totals[i])) for i in range(b)]
 
 
+def best_extensions(scores: np.ndarray, lp, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The n best (beam score + token log-prob) of each item's k beams: (scores, beam, token) [A,n], best first,
+    ties by the lower flat index beam * V + token. scores [A,k]; lp full rows [A*k,V] or Candidates [A*k,m>=n]."""
+    a, k = scores.shape
+    if isinstance(lp, Candidates):
+        m, v = lp.ids.shape[1], lp.vocab_size
+        cand = (scores[:, :, None] + lp.log_probs.reshape(a, k, m)).reshape(a, k * m)  # [A, k*m]
+        beam = np.broadcast_to(np.repeat(np.arange(k), m), (a, k * m))  # [A, k*m]
+        tok = lp.ids.reshape(a, k * m)
+        order = np.lexsort((beam * v + tok, -cand), axis=-1)[:, :n]  # by score, then by full-row flat index
+        return (np.take_along_axis(cand, order, 1), np.take_along_axis(beam, order, 1),
+                np.take_along_axis(tok, order, 1))
+    v = lp.shape[1]
+    cand = (scores[:, :, None] + lp.reshape(a, k, v)).reshape(a, k * v)  # [A, k*V]
+    top = top_n(cand, n)  # [A, n]
+    return np.take_along_axis(cand, top, 1), top // v, top % v
+
+
 def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per item, up to `num_return` hypotheses sorted by score (best first).
 
@@ -140,8 +195,8 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
     k = cfg.beam_size
     if k < 1:
         raise ValueError("beam_size must be >= 1")
-    lp, cache = stepper.start(k)  # [B*k, V]
-    b, v = lp.shape[0] // k, lp.shape[1]
+    lp, cache = start_search(stepper, k, 2 * k, cfg)  # [B*k, V] or Candidates [B*k, 2k]
+    b = (lp.ids if isinstance(lp, Candidates) else lp).shape[0] // k
     scores = np.full((b, k), NEG_INF)  # [B,k] running log-prob of each live beam
     # Top-beam mask: the k beams of an item start identical (same BOS, same cache), so only beam 0 may expand at the
     # first step; NEG_INF on the others keeps k copies of one continuation out of the candidates.
@@ -155,9 +210,9 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
 
     for t in range(cfg.max_length):
         n_alive = len(alive)
-        _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
-        cand = (scores[:, :, None] + lp.reshape(n_alive, k, v)).reshape(n_alive, k * v)  # [A, k*V]
-        top = top_n(cand, 2 * k)  # [A, 2k]
+        if not isinstance(lp, Candidates):
+            _ban_ngrams(lp, history, cfg.no_repeat_ngram_size)
+        top_scores, top_beam, top_tok = best_extensions(scores, lp, 2 * k)  # [A, 2k] each, best first
         new_scores = np.full((n_alive, k), NEG_INF)  # [A,k] the next live beams' scores, cache rows, tokens
         new_rows = np.zeros((n_alive, k), dtype=np.int64)
         new_tok = np.zeros((n_alive, k), dtype=np.int64)
@@ -165,13 +220,12 @@ def beam_search(stepper: Stepper, cfg: GenerationConfig) -> list[list[Hypothesis
         last = t == cfg.max_length - 1
         for block in range(n_alive):  # block: an alive item's k consecutive cache rows
             item_hyps, n_live = finished[alive[block]], 0  # the item's ended hypotheses; live beams chosen so far
-            for rank, c in enumerate(top[block]):
-                s = cand[block, c]
+            for rank in range(top_scores.shape[1]):
+                s, beam, tok = top_scores[block, rank], int(top_beam[block, rank]), int(top_tok[block, rank])
                 # A candidate at or below NEG_INF / 2 extends a masked beam (or a banned n-gram token): real scores
                 # are sums of log-probs, far above it, so here every real candidate has been seen.
                 if s <= NEG_INF / 2:
                     break
-                beam, tok = divmod(int(c), v)
                 row = block * k + beam
                 if tok == cfg.eos_id:
                     if rank < k:  # an ending counts only when it ranks among the k best candidates

@@ -1,8 +1,8 @@
 """A generation `Stepper` over the exported decoder graphs, whoever runs them (Triton BLS, a gRPC client, ORT).
 
 The graphs and their tensor names come from the export's manifest.json (the contract: invemb.manifest):
-    decoder_init:  sentence_embedding [N,S] -> log_probs [N,V] (after BOS) + cache outputs
-    decoder_step:  input_ids [N,1] + cache inputs -> log_probs [N,V] + present_* outputs
+    decoder_init:  sentence_embedding [N,S] -> log_probs [N,V] (after BOS) | top_log_probs/top_ids [N,K] + caches
+    decoder_step:  input_ids [N,1] + cache inputs -> log_probs [N,V] | top_log_probs/top_ids [N,K] + present_*
 How outputs feed the next step's cache inputs is `invemb.manifest.cache_plan`. `run(graph, feeds, output_names)
 -> {name: array}` is the only backend-specific part.
 
@@ -14,31 +14,53 @@ from typing import Callable
 
 import numpy as np
 
-from invemb.generation import reorder_rows
+from invemb.generation import Candidates, reorder_rows
 from invemb.manifest import cache_plan
 
 Runner = Callable[[str, dict, list], dict]  # (graph name, feeds {name: np.ndarray}, output names) -> outputs
 
 
 class GraphStepper:
-    """Stepper (invemb.generation) for `vectors` [B,S] over decoder_init/decoder_step run by `run`."""
+    """Stepper (invemb.generation) for `vectors` [B,S] over decoder_init/decoder_step run by `run`.
 
-    def __init__(self, run: Runner, manifest: dict, vectors: np.ndarray):
+    With graphs that end in TopK (exports since top_log_probs/top_ids) it offers top-k candidates
+    (`max_candidates` = their K): the search then fetches [N, 2 x beam] candidates per step instead of the
+    [N, V] log_probs. `candidates=False` keeps full rows (the reference path of benchmarks and tests)."""
+
+    def __init__(self, run: Runner, manifest: dict, vectors: np.ndarray, candidates: bool = True):
         self.run, self.manifest = run, manifest
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [B,S]
         self.batch_size = self.vectors.shape[0]
         self.plan = cache_plan(manifest)
+        self.max_candidates = self.plan.top_k if candidates else 0
+        self.n = 0  # candidates per row the search asked for (0: full rows)
 
-    def start(self, num_beams: int):
-        out = self.run("decoder_init", {"sentence_embedding": self.vectors}, self.plan.init_outputs)
+    def _scores(self, out: dict):
+        """Full rows [N,V], or Candidates [N,n] from the graph's TopK outputs (sorted: the first n are the n best)."""
+        if not self.n:
+            return out["log_probs"]
+        return Candidates(out["top_log_probs"][:, :self.n], out["top_ids"][:, :self.n].astype(np.int64),
+                          int(self.manifest["vocab_size"]))
+
+    def start(self, num_beams: int, candidates: int = 0):
+        if candidates > self.max_candidates:
+            raise ValueError(f"{candidates} candidates asked, the graphs give {self.max_candidates}")
+        self.n = candidates
+        out = self.run("decoder_init", {"sentence_embedding": self.vectors},
+                       self.plan.outputs("decoder_init", bool(self.n)))
         cache = {name: out[src] for name, src in self.plan.first.items()}  # rows [B]
         rows = np.repeat(np.arange(self.batch_size), num_beams)  # [B*beams]: item b's beams are rows b*beams..
-        return out["log_probs"][rows], reorder_rows(cache, rows)
+        scores = self._scores(out)
+        if isinstance(scores, Candidates):
+            scores = Candidates(scores.log_probs[rows], scores.ids[rows], scores.vocab_size)
+        else:
+            scores = scores[rows]
+        return scores, reorder_rows(cache, rows)
 
     def step(self, tokens: np.ndarray, cache: dict):
         feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), **cache}  # [N,1]
-        out = self.run("decoder_step", feeds, self.plan.step_outputs)
-        return out["log_probs"], {**cache, **{name: out[src] for name, src in self.plan.carried.items()}}
+        out = self.run("decoder_step", feeds, self.plan.outputs("decoder_step", bool(self.n)))
+        return self._scores(out), {**cache, **{name: out[src] for name, src in self.plan.carried.items()}}
 
     def reorder(self, cache: dict, rows: np.ndarray) -> dict:
         return {k: np.ascontiguousarray(v) for k, v in reorder_rows(cache, np.asarray(rows)).items()}

@@ -127,30 +127,55 @@ def kv_tensors(prefix: str, d: ModelDims, length) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
+# Step graphs also end in TopK over log_probs: top_log_probs / top_ids [batch, K] are each row's K best log-probs,
+# best first (ties: lower id first, ONNX TopK), K = 2 x MAX_BEAM_SIZE (capped at V). A search needs 2 x beam of
+# them per row to rank exactly what it would rank over full rows (invemb.generation.Candidates), so a caller asks
+# for these two outputs instead of log_probs and only 12 x K bytes per row leave the graph, not 4 x V.
+SCORE_OUTPUTS = ("log_probs", "top_log_probs", "top_ids")
+
+
+def top_candidates(vocab_size: int) -> int:
+    """K of the step graphs' TopK outputs."""
+    from invemb.limits import MAX_BEAM_SIZE
+    return min(2 * MAX_BEAM_SIZE, vocab_size)
+
+
+def score_tensors(d: ModelDims) -> tuple[TensorSpec, ...]:
+    """log_probs [batch, V] + top_log_probs [batch, K] + top_ids [batch, K] (the first outputs of a step graph)."""
+    k = top_candidates(d.vocab_size)
+    return (float_tensor("log_probs", "batch", d.vocab_size), float_tensor("top_log_probs", "batch", k),
+            TensorSpec("top_ids", "int64", ("batch", k)))
+
+
+def cache_output_names(spec: GraphSpec) -> list[str]:
+    """A step graph's outputs after the score outputs: the cache tensors, in graph order."""
+    return [n for n in spec.output_names if n not in SCORE_OUTPUTS]
+
+
 def transformer_specs(d: ModelDims) -> list[GraphSpec]:
-    log_probs = float_tensor("log_probs", "batch", d.vocab_size)
+    scores = score_tensors(d)
     init = GraphSpec("decoder_init", (float_tensor("sentence_embedding", "batch", d.sentence_dim),),
-                     (log_probs,) + kv_tensors("cross", d, d.memory_slots) + kv_tensors("present", d, 1), LOGPROB_TOL,
+                     scores + kv_tensors("cross", d, d.memory_slots) + kv_tensors("present", d, 1), LOGPROB_TOL,
                      "init_cache + step(BOS): log_softmax of the BOS position; present_* = self-attention cache")
     step = GraphSpec("decoder_step",
                      (TensorSpec("input_ids", "int64", ("batch", "new")),) + kv_tensors("cross", d, d.memory_slots)
                      + kv_tensors("past", d, "past"),
-                     (log_probs,) + kv_tensors("present", d, "past+new"), LOGPROB_TOL,
+                     scores + kv_tensors("present", d, "past+new"), LOGPROB_TOL,
                      "log_softmax of the last new position; feed present_* back as past_*; past+new <= max_length")
     return [init, step]
 
 
 def gru_specs(d: ModelDims) -> list[GraphSpec]:
-    log_probs = float_tensor("log_probs", "batch", d.vocab_size)
+    scores = score_tensors(d)
     hidden = float_tensor("hidden", "batch", d.num_layers, d.d_model)  # [batch, layers, d_model]
     present_hidden = float_tensor("present_hidden", "batch", d.num_layers, d.d_model)
     context = float_tensor("context", "batch", d.d_model)
     init = GraphSpec("decoder_init", (float_tensor("sentence_embedding", "batch", d.sentence_dim),),
-                     (log_probs, context, present_hidden), LOGPROB_TOL,
+                     scores + (context, present_hidden), LOGPROB_TOL,
                      "init_cache + step(BOS); feed present_hidden back as hidden")
     # torch.export specialises nn.GRU's sequence length: the GRU step graph takes one token per call.
     step = GraphSpec("decoder_step", (TensorSpec("input_ids", "int64", ("batch", 1)), hidden, context),
-                     (log_probs, present_hidden), LOGPROB_TOL, "log_softmax of the last new position")
+                     scores + (present_hidden,), LOGPROB_TOL, "log_softmax of the last new position")
     return [init, step]
 
 
@@ -273,6 +298,21 @@ class CachePlan(NamedTuple):
     first: dict[str, str]  # {step input: the decoder_init output feeding it} (every cache input)
     init_outputs: list[str]  # decoder_init output names (log_probs first)
     step_outputs: list[str]  # decoder_step output names (log_probs first)
+    top_k: int = 0  # K of both graphs' top_log_probs/top_ids outputs; 0: the export has none (made before them)
+
+    def outputs(self, graph: str, candidates: bool) -> list[str]:
+        """What to fetch from `graph`: log_probs (or top_log_probs + top_ids) first, then every cache output."""
+        names = self.init_outputs if graph == "decoder_init" else self.step_outputs
+        head = ["top_log_probs", "top_ids"] if candidates else ["log_probs"]
+        return head + [n for n in names if n not in SCORE_OUTPUTS]
+
+
+def _top_k(manifest: dict, graph: str) -> int:
+    """K of a graph's top_ids output in the manifest (0 when absent)."""
+    for t in manifest["graphs"][graph]["outputs"]:
+        if t["name"] == "top_ids":
+            return int(t["shape"][-1])
+    return 0
 
 
 def cache_plan(manifest: dict) -> CachePlan:
@@ -285,7 +325,8 @@ def cache_plan(manifest: dict) -> CachePlan:
     if init_out[:1] != ["log_probs"] or step_out[:1] != ["log_probs"] or missing:
         raise InvembError(f"decoder_init/decoder_step graphs of the manifest do not fit together "
                           f"(unfed step inputs {sorted(missing)})")
-    return CachePlan(carried, first, init_out, step_out)
+    return CachePlan(carried, first, init_out, step_out,
+                     min(_top_k(manifest, "decoder_init"), _top_k(manifest, "decoder_step")))
 
 
 # ----------------------------------------------------------------------------------------------- servers

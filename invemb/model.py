@@ -37,6 +37,10 @@ FORMAT_VERSION = 1
 class TorchStepper:
     """The generation Stepper for a torch step decoder (transformer or GRU)."""
 
+    # Full rows only: the reference every other path (ORT/Triton top-k candidates) must reproduce exactly, and
+    # torch.topk orders exact ties arbitrarily (the search's order is by lower id).
+    max_candidates = 0
+
     def __init__(self, decoder: nn.Module, vectors: torch.Tensor, bos_id: int):
         self.decoder, self.vectors, self.bos_id = decoder, vectors, bos_id
         self.batch_size = vectors.shape[0]

@@ -62,6 +62,7 @@ class OnnxEmbedder(EmbedderBase):
         self.files = graph_files(m, variant, self.dir, hint="; make one with export/optimize.py")
         self.sessions = {name: make_session(self.dir / f, threads, providers) for name, f in self.files.items()}
         self.one_pass = "decoder_onepass" in self.sessions
+        self.candidates = True  # searches fetch the graphs' top-k outputs, not [N, V] log_probs (same texts)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / m["tokenizer_dir"]))
         except (OSError, ValueError) as e:
@@ -81,7 +82,7 @@ class OnnxEmbedder(EmbedderBase):
     def stepper(self, vectors: np.ndarray):
         """The Stepper over decoder_init/decoder_step: the same GraphStepper Triton BLS and the gRPC client use."""
         from invemb.graph_stepper import GraphStepper
-        return GraphStepper(self.run_graph, self.manifest, vectors)
+        return GraphStepper(self.run_graph, self.manifest, vectors, self.candidates)
 
     _stepper = stepper
 

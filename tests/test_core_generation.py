@@ -1,10 +1,11 @@
-"""The one beam search: exhaustive-search equality, sorting, beam 1 == greedy, batching, n-gram blocking."""
+"""The one beam search: exhaustive-search equality, sorting, beam 1 == greedy, batching, n-gram blocking; top-k
+candidates (a Stepper capability) give exactly the full-row results, ties included."""
 import itertools
 
 import numpy as np
 import pytest
 
-from invemb.generation import GenerationConfig, beam_search, greedy_search, log_softmax
+from invemb.generation import Candidates, GenerationConfig, beam_search, generate, greedy_search, log_softmax
 
 V, EOS = 4, 3
 
@@ -129,3 +130,83 @@ def test_max_length_caps_output():
         cfg = GenerationConfig(beam_size=k, max_length=5, eos_id=EOS)
         out = greedy_search(stepper, cfg) if k == 1 else [h[0] for h in beam_search(stepper, cfg)]
         assert all(len(h.tokens) == 5 for h in out)
+
+
+class CandidateStepper:
+    """Wraps a full-row stepper and answers with Candidates (each row's n best, ties by lower id: ONNX TopK's
+    order), as the exported graphs' top_log_probs/top_ids do. Counts what it was asked for."""
+
+    def __init__(self, inner, max_candidates=10 ** 6):
+        self.inner, self.batch_size, self.max_candidates = inner, inner.batch_size, max_candidates
+        self.asked = None
+
+    def start(self, num_beams, candidates=0):
+        self.asked = candidates
+        lp, cache = self.inner.start(num_beams)
+        return (Candidates.of(lp, candidates) if candidates else lp), cache
+
+    def step(self, tokens, cache):
+        lp, cache = self.inner.step(tokens, cache)
+        return (Candidates.of(lp, self.asked) if self.asked else lp), cache
+
+    def reorder(self, cache, rows):
+        return self.inner.reorder(cache, rows)
+
+
+class WideStepper(TableStepper):
+    """V = 40 with logits on a coarse grid: many exactly tied log-probs, inside and at the edge of every top-2k."""
+    v = 40
+
+    def dist(self, item, prefix):
+        rng = np.random.default_rng(abs(hash((self.seed, item, prefix))) % (2 ** 32))
+        logits = np.round(rng.normal(size=self.v) * 2) / 2  # values in steps of 0.5: ties everywhere
+        logits[EOS] += 0.5 * len(prefix) - 1.0  # ends become likely after a few tokens
+        return log_softmax(logits)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_candidates_wide_beam_equals_exhaustive_search(alpha, seed):
+    stepper = CandidateStepper(TableStepper(batch_size=2, seed=seed))
+    cfg = GenerationConfig(beam_size=64, max_length=3, length_penalty=alpha, eos_id=EOS, num_return=64)
+    result = beam_search(stepper, cfg)
+    assert stepper.asked == 128  # the search did take the candidate path
+    for item in range(2):
+        want = exhaustive(stepper.inner, item, 3, alpha)
+        assert [h.tokens for h in result[item]] == [w[0] for w in want]
+        np.testing.assert_allclose([h.score for h in result[item]], [w[1] for w in want], rtol=1e-9)
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4, 5])
+@pytest.mark.parametrize("seed", range(6))
+def test_candidates_give_the_full_row_results_with_ties(beam, seed):
+    cfg = GenerationConfig(beam_size=beam, max_length=9, length_penalty=1.0, eos_id=EOS, num_return=beam)
+    full = WideStepper(batch_size=5, seed=seed)
+    top = CandidateStepper(WideStepper(batch_size=5, seed=seed))
+    if beam == 1:
+        want, got = greedy_search(full, cfg), greedy_search(top, cfg)
+        assert top.asked == 1
+        assert [(h.tokens, h.score) for h in got] == [(h.tokens, h.score) for h in want]
+    else:
+        want, got = beam_search(full, cfg), beam_search(top, cfg)
+        assert top.asked == 2 * beam
+        assert [[(h.tokens, h.score) for h in hs] for hs in got] == [[(h.tokens, h.score) for h in hs] for hs in want]
+
+
+def test_candidates_not_used_when_too_few_or_ngram_blocking():
+    cfg = GenerationConfig(beam_size=4, max_length=6, eos_id=EOS)
+    few = CandidateStepper(WideStepper(batch_size=2), max_candidates=7)  # 2 x beam = 8 needed
+    assert generate(few, cfg) and few.asked == 0
+    blocking = CandidateStepper(WideStepper(batch_size=2))
+    want = generate(WideStepper(batch_size=2), GenerationConfig(beam_size=4, max_length=6, eos_id=EOS,
+                                                                no_repeat_ngram_size=2))
+    got = generate(blocking, GenerationConfig(beam_size=4, max_length=6, eos_id=EOS, no_repeat_ngram_size=2))
+    assert blocking.asked == 0 and [h.tokens for h in got] == [h.tokens for h in want]
+
+
+def test_candidates_of_orders_ties_by_lower_id():
+    lp = np.array([[-1.0, -0.5, -0.5, -2.0, -0.5]])
+    c = Candidates.of(lp, 3)
+    assert c.ids.tolist() == [[1, 2, 4]] and c.log_probs.tolist() == [[-0.5, -0.5, -0.5]]
+    with pytest.raises(ValueError, match="must be"):
+        Candidates(np.zeros((2, 3)), np.zeros((2, 4), dtype=np.int64), 5)

@@ -115,6 +115,29 @@ def test_ort_stepper_log_probs_match_torch_stepper(onnx_dir, toy_model, ort_embe
     assert set(c_o) == set(c_t) and c_o["past_key_0"].shape == tuple(c_t["past_key_0"].shape) == (6, 4, 2, 16)
 
 
+def test_topk_outputs_decode_exactly_like_full_rows(onnx_dir, toy_model, ort_embedder, headlines32):
+    """The step graphs end in TopK: the search over their candidates gives the full-row texts and scores, and the
+    candidates are exactly the K best of the graph's own log_probs (ties by lower id)."""
+    from invemb.generation import Candidates, generate
+    from invemb.graph_stepper import GraphStepper
+    from invemb.manifest import cache_plan
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    assert cache_plan(manifest).top_k == min(64, manifest["vocab_size"])
+    vec = toy_model.encode(headlines32[:12])
+    stepper = ort_embedder.stepper(vec)
+    assert stepper.max_candidates == 64
+    lp, _ = stepper.start(4, candidates=8)
+    assert isinstance(lp, Candidates) and lp.ids.shape == (48, 8)
+    full, _ = GraphStepper(ort_embedder.run_graph, manifest, vec, candidates=False).start(4)
+    assert validate.consistent_top(full, lp.log_probs, lp.ids)
+    for beam, max_length in ((1, None), (4, None), (3, 6)):
+        cfg = ort_embedder.generation_config(beam_size=beam, max_length=max_length)
+        top = generate(GraphStepper(ort_embedder.run_graph, manifest, vec), cfg)
+        rows = generate(GraphStepper(ort_embedder.run_graph, manifest, vec, candidates=False), cfg)
+        assert [(h.tokens, h.score) for h in top] == [(h.tokens, h.score) for h in rows]
+    assert ort_embedder.decode(vec, beam_size=4) == toy_model.decode(vec, beam_size=4)
+
+
 def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
     repo = tmp_path / "model_repository"
     for name in ("encoder", "beam_search"):

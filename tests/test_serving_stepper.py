@@ -37,9 +37,11 @@ def test_gru_export_decodes_like_torch(tmp_path):
         return dict(zip(outputs, sessions[graph].run(outputs, feeds)))
 
     vectors = np.random.default_rng(0).standard_normal((5, model.sentence_dim)).astype(np.float32)
+    assert plan.top_k == 64  # the GRU pair ends in TopK too
     for beam in (1, 3):
-        hyps = generate(GraphStepper(run, manifest, vectors), generation_config(manifest, beam))
-        assert model.detokenize([h.tokens for h in hyps]) == model.decode(vectors, beam_size=beam)
+        for candidates in (True, False):
+            hyps = generate(GraphStepper(run, manifest, vectors, candidates), generation_config(manifest, beam))
+            assert model.detokenize([h.tokens for h in hyps]) == model.decode(vectors, beam_size=beam)
 
 
 def _manifest(graphs: dict) -> dict:

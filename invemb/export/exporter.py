@@ -23,8 +23,8 @@ import warnings
 from pathlib import Path
 
 from invemb.errors import InvembError
-from invemb.manifest import (GraphSpec, build_manifest, graph_files, graph_specs, model_dims, present_outputs,
-                             read_manifest, write_manifest)
+from invemb.manifest import (GraphSpec, build_manifest, cache_output_names, graph_files, graph_specs, model_dims,
+                             present_outputs, read_manifest, write_manifest)
 
 DEFAULT_OPSET = 18
 # Example sizes used for tracing: >= 2 and distinct from each other (all are dynamic in the graphs).
@@ -48,32 +48,38 @@ def _wrappers():
         def forward(self, input_ids, attention_mask):  # [B,T] int64 x2 -> [B,S]
             return self.encoder(input_ids, attention_mask).float()
 
+    def scores(logits, top_k: int):
+        """logits [B,t,V] -> log_probs [B,V] of the last position, top_log_probs [B,K], top_ids [B,K] (TopK node)."""
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        top = torch.topk(log_probs, top_k, dim=-1, largest=True, sorted=True)
+        return log_probs, top.values, top.indices
+
     class DecoderInit(nn.Module):
         """sentence_embedding [B,S] -> log_probs [B,V] after BOS, then the cache tensors in `names` order."""
 
-        def __init__(self, decoder, bos_id: int, names: list[str]):
+        def __init__(self, decoder, bos_id: int, names: list[str], top_k: int):
             super().__init__()
-            self.decoder, self.bos_id, self.names = decoder, bos_id, names
+            self.decoder, self.bos_id, self.names, self.top_k = decoder, bos_id, names, top_k
 
         def forward(self, sentence_embedding):
             cache = self.decoder.init_cache(sentence_embedding)
             bos = torch.full_like(sentence_embedding[:, :1], self.bos_id, dtype=torch.long)  # [B,1]
             logits, cache = self.decoder.step(bos, cache)  # [B,1,V]
             out = {**cache, **present_outputs(cache)}  # cross_*/context as they are; past_X / hidden as present_*
-            return (F.log_softmax(logits[:, -1].float(), dim=-1),) + tuple(out[n] for n in self.names)
+            return scores(logits, self.top_k) + tuple(out[n] for n in self.names)
 
     class DecoderStep(nn.Module):
         """input_ids [B,t] + cache tensors (in `in_names` order) -> log_probs [B,V] of the last position + presents."""
 
-        def __init__(self, decoder, in_names: list[str], out_names: list[str]):
+        def __init__(self, decoder, in_names: list[str], out_names: list[str], top_k: int):
             super().__init__()
-            self.decoder, self.in_names, self.out_names = decoder, in_names, out_names
+            self.decoder, self.in_names, self.out_names, self.top_k = decoder, in_names, out_names, top_k
 
         def forward(self, input_ids, *cache_tensors):
             cache = dict(zip(self.in_names, cache_tensors))
             logits, new = self.decoder.step(input_ids, cache)  # [B,t,V]
             new = present_outputs(new)
-            return (F.log_softmax(logits[:, -1].float(), dim=-1),) + tuple(new[n] for n in self.out_names)
+            return scores(logits, self.top_k) + tuple(new[n] for n in self.out_names)
 
     class OnePass(nn.Module):
         def __init__(self, decoder, length: int):
@@ -92,10 +98,11 @@ def graph_module(model, name: str, spec: GraphSpec):
     Encoder, DecoderInit, DecoderStep, OnePass = _wrappers()
     if name == "encoder":
         return Encoder(model.encoder)
+    top_k = next((t.shape[-1] for t in spec.outputs if t.name == "top_ids"), 0)
     if name == "decoder_init":
-        return DecoderInit(model.decoder, model.bos_id, spec.output_names[1:])
+        return DecoderInit(model.decoder, model.bos_id, cache_output_names(spec), top_k)
     if name == "decoder_step":
-        return DecoderStep(model.decoder, spec.input_names[1:], spec.output_names[1:])
+        return DecoderStep(model.decoder, spec.input_names[1:], cache_output_names(spec), top_k)
     return OnePass(model.decoder, model.config.encoder.max_length - 1)
 
 

@@ -146,43 +146,59 @@ class TritonPythonModel:
             if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
                 raise ValueError(f"{name} holds NaN or Inf")
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = self.session.run([n for n, _ in self.outputs], feeds)
-        return [np.ascontiguousarray(a, dtype=dt) for a, (_, dt) in zip(out, self.outputs)]
+    def _requested(self, request) -> tuple[str, ...]:
+        """The outputs this request asked for (all of the config's when it named none), in config order: as the
+        native backend does, only those are computed into the response (a search asking for top_ids/top_log_probs
+        does not get the [N, V] log_probs)."""
+        try:
+            asked = set(request.requested_output_names())
+        except AttributeError:  # older python backends: every output
+            asked = set()
+        names = tuple(n for n, _ in self.outputs if not asked or n in asked)
+        unknown = asked - {n for n, _ in self.outputs}
+        if unknown:
+            raise ValueError(f"unknown output(s) {sorted(unknown)} requested")
+        return names
+
+    def _run(self, feeds: dict[str, np.ndarray], names: tuple[str, ...]) -> list[np.ndarray]:
+        out = self.session.run(list(names), feeds)
+        dtypes = dict(self.outputs)
+        return [np.ascontiguousarray(a, dtype=dtypes[n]) for a, n in zip(out, names)]
 
     def execute(self, requests):
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, dict]]] = {}
         for r, request in enumerate(requests):
             try:
-                feeds = self._feeds(request)
+                feeds, names = self._feeds(request), self._requested(request)
             except Exception as e:  # noqa: BLE001 - becomes this request's error status
                 responses[r] = pb_utils.InferenceResponse(error=invalid_arg(f"{self.config['name']}: {e}"))
                 continue
-            key = tuple(sorted((n, a.shape[1:] if self.batched else a.shape) for n, a in feeds.items()))
-            groups.setdefault(key if self.batched else (r,), []).append((r, feeds))
+            key = tuple(sorted((n, a.shape[1:] if self.batched else a.shape) for n, a in feeds.items())) + names
+            groups.setdefault(key if self.batched else (r,), []).append((r, feeds, names))
         for members in groups.values():
+            names = members[0][2]
             if len(members) > 1:  # dynamic batch: one run over the concatenated requests, split back
                 try:
-                    feeds = {n: np.concatenate([f[n] for _, f in members]) for n in members[0][1]}
-                    outs = self._run(feeds)
-                    sizes = np.cumsum([next(iter(f.values())).shape[0] for _, f in members])[:-1]
-                    for (r, _), arrays in zip(members, zip(*[np.split(o, sizes) for o in outs])):
-                        responses[r] = self._response(arrays)
+                    feeds = {n: np.concatenate([f[n] for _, f, _ in members]) for n in members[0][1]}
+                    outs = self._run(feeds, names)
+                    sizes = np.cumsum([next(iter(f.values())).shape[0] for _, f, _ in members])[:-1]
+                    for (r, _, _), arrays in zip(members, zip(*[np.split(o, sizes) for o in outs])):
+                        responses[r] = self._response(names, arrays)
                     continue
                 except Exception:  # noqa: BLE001 - one bad request must not fail the others: run each alone
                     pass
-            for r, feeds in members:
+            for r, feeds, names in members:
                 try:
-                    responses[r] = self._response(self._run(feeds))
+                    responses[r] = self._response(names, self._run(feeds, names))
                 except Exception as e:  # noqa: BLE001
                     msg = f"{self.config['name']}: onnxruntime failed: {str(e).splitlines()[0][:500]}"
                     responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
         return responses
 
-    def _response(self, arrays):
+    def _response(self, names, arrays):
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a))
-                                                          for (n, _), a in zip(self.outputs, arrays)])
+                                                          for n, a in zip(names, arrays)])
 
     def finalize(self):
         self.session = None
