@@ -2,7 +2,7 @@
 
   encode   sentences/s: PyTorch eager vs ONNX Runtime fp32 vs ORT int8 (fused + dynamic int8)
   decode   headlines/s, beam search (beam 4): PyTorch (TorchStepper) vs ORT over full log_probs rows vs ORT over
-           the graphs' top-k outputs (the default) vs ORT int8 (top-k)
+           the graphs' top-k outputs (the default) vs ORT int8 (top-k) vs the one-call BeamSearch-op graph
   steps    KV-cached step decoding vs full recompute (PyTorch re-running decoder.forward on the whole prefix at
            each step; greedy, no early stop) at generated lengths 8/16/24/32, plus ORT cached
 
@@ -95,6 +95,11 @@ def run(args) -> dict:
         with to_onnx.quiet_exporter():
             to_onnx.export_model(model, onnx_dir)
         optimize.make_variants(onnx_dir, ("int8",))
+        from invemb.export.beam_graph import OneCallDecoder, build_one_call_graph
+        one_call = None
+        if model.config.decoder.kind == "transformer":
+            build_one_call_graph(onnx_dir)
+            one_call = OneCallDecoder(onnx_dir, threads=args.threads)
         ort32 = OnnxEmbedder(onnx_dir, threads=args.threads)
         ort8 = OnnxEmbedder(onnx_dir, threads=args.threads, variant="int8")
         r = args.repeats
@@ -107,17 +112,28 @@ def run(args) -> dict:
         ort_rows.candidates = False  # the search ranks full [N, V] log_probs rows (the graphs' log_probs output)
 
         def decode(emb):
+            if emb is one_call:
+                return lambda: one_call.decode_ids(vecs, beam_size=4)
             return lambda: emb.decode(vecs, beam_size=4)
         # interleaved: each round times every backend once, the best round of each is kept
-        runs = {k: [] for k in ("torch", "ort_rows", "ort", "ort_int8")}
+        backends = [("torch", model), ("ort_rows", ort_rows), ("ort", ort32), ("ort_int8", ort8)]
+        backends += [("one_call", one_call)] if one_call else []
+        runs = {k: [] for k, _ in backends}
         for _ in range(dr):
-            for k, emb in (("torch", model), ("ort_rows", ort_rows), ("ort", ort32), ("ort_int8", ort8)):
+            for k, emb in backends:
                 runs[k].append(best_time(decode(emb), 1))
         dec = {k: min(v) for k, v in runs.items()}
         ref = model.decode(vecs, beam_size=4)
         same = ort32.decode(vecs, beam_size=4) == ref
         same_rows = ort_rows.decode(vecs, beam_size=4) == ref
         lengths = [len(ids) for ids in model.decode_ids(vecs, beam_size=4)]
+        one_call_same = None
+        if one_call:  # how often the op's texts equal the core search's, on more headlines (val[:--compare-n])
+            cv = model.encode(val[:args.compare_n])
+            mine = ort32.decode(cv, beam_size=4)
+            theirs = model.detokenize(one_call.decode_ids(cv, beam_size=4)[0])
+            one_call_same = {"n": len(mine), "same_text_rate": sum(a == b for a, b in zip(mine, theirs)) / len(mine),
+                             "examples": [(a, b) for a, b in zip(mine, theirs) if a != b][:5]}
         rows = np.resize(np.arange(len(vecs)), args.step_rows)  # items x beams rows, as in a beam search
         steps = step_bench(model, ort32, np.ascontiguousarray(vecs[rows]), args.lengths, r)
     cfg = model.config
@@ -137,7 +153,9 @@ def run(args) -> dict:
                          "ort_rows_speedup": dec["torch"] / dec["ort_rows"],
                          "ort_speedup": dec["torch"] / dec["ort"], "ort_int8_speedup": dec["torch"] / dec["ort_int8"],
                          "topk_vs_rows": dec["ort_rows"] / dec["ort"], "ort_texts_equal_torch": same,
-                         "ort_rows_texts_equal_torch": same_rows, "mean_generated_tokens": float(np.mean(lengths))},
+                         "ort_rows_texts_equal_torch": same_rows, "mean_generated_tokens": float(np.mean(lengths)),
+                         "one_call_vs_ort": dec["ort"] / dec["one_call"] if one_call else None,
+                         "one_call_same_text": one_call_same},
         "steps": steps,
     }
 
@@ -158,12 +176,20 @@ def to_markdown(res: dict) -> str:
         f"{e['ort_per_s']:.1f} | {e['ort_int8_per_s']:.1f} | x{e['ort_speedup']:.2f} | x{e['ort_int8_speedup']:.2f} |",
         "", f"## Beam-4 decode, headlines/s ({d['n']} headlines, {d['mean_generated_tokens']:.1f} generated tokens "
         "on average; interleaved rounds, best of each)", "",
-        "| PyTorch (full rows) | ORT fp32, full rows | ORT fp32, top-k graphs | ORT int8, top-k | top-k / full rows "
-        "| ORT top-k / eager |", "|---|---|---|---|---|---|",
+        "| PyTorch (full rows) | ORT fp32, full rows | ORT fp32, top-k graphs | ORT int8, top-k | ORT one-call graph "
+        "| top-k / full rows | ORT top-k / eager | one-call / top-k |", "|---|---|---|---|---|---|---|---|",
         f"| {d['torch_per_s']:.2f} | {d['ort_rows_per_s']:.2f} | {d['ort_per_s']:.2f} | {d['ort_int8_per_s']:.2f} | "
-        f"x{d['topk_vs_rows']:.2f} | x{d['ort_speedup']:.2f} |", "",
+        f"{d.get('one_call_per_s', float('nan')):.2f} | x{d['topk_vs_rows']:.2f} | x{d['ort_speedup']:.2f} | "
+        f"x{d['one_call_vs_ort'] or float('nan'):.2f} |", "",
         f"ORT fp32 beam-4 texts identical to PyTorch's: top-k {d['ort_texts_equal_torch']}, full rows "
-        f"{d['ort_rows_texts_equal_torch']}.", "",
+        f"{d['ort_rows_texts_equal_torch']}.", ""]
+    oc = d.get("one_call_same_text")
+    if oc:
+        lines += [f"One-call graph (ONNX Runtime BeamSearch op, invemb/export/beam_graph.py) vs the core search "
+                  f"(ORT top-k), beam 4, {oc['n']} validation headlines: same text {oc['same_text_rate']:.1%}. "
+                  "The op normalises finished scores by (1 + length) (HF), ours by the generated length."]
+        lines += [f"- core: `{a}` / op: `{b}`" for a, b in oc["examples"]] + [""]
+    lines += [
         f"## KV-cached step decoding vs full recompute (greedy, exactly L tokens, {res['steps'][0]['rows']} rows)", "",
         "| L | torch cached (s) | torch recompute (s) | cached speed-up | ORT cached (s) | ORT cached vs recompute |",
         "|---|---|---|---|---|---|"]
@@ -183,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch and ORT threads (1: on a shared machine torch's OpenMP threads spin-wait badly)")
     ap.add_argument("--encode-n", type=int, default=256)
     ap.add_argument("--decode-n", type=int, default=16)
+    ap.add_argument("--compare-n", type=int, default=200, help="headlines for the one-call vs core text comparison")
     ap.add_argument("--step-rows", type=int, default=64, help="rows of the step benchmark (16 items x 4 beams)")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 24, 32])
     ap.add_argument("--repeats", type=int, default=3)

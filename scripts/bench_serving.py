@@ -7,8 +7,9 @@
 Workloads, each request one batch of validation headlines (or their vectors):
   encode     text -> vector: Triton `encode` ensemble vs in-process OnnxEmbedder.encode
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
-             default), the same model with decoder_runner=bls (a BLS round trip per step), in-process over the
-             top-k graphs and in-process over full log_probs rows
+             default), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
+             one-call BeamSearch-op graph: token ids, detokenized by the caller), in-process over the top-k
+             graphs and in-process over full log_probs rows
   roundtrip  text -> text: Triton `roundtrip` ensemble vs in-process encode + decode
 For each workload and concurrency level: a bounded number of requests (and a time cap); throughput (texts/s) and
 p50/p99 latency; the backends' runs are interleaved and the best of --repeats is kept (the machine may be shared).
@@ -139,7 +140,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
         desc = f"{'the shipped model ' if not args.checkpoint else 'checkpoint '}{ckpt}"
     repo = to_onnx.fresh_triton_repo(work / "repo")
     with to_onnx.quiet_exporter():
-        to_onnx.export_checkpoint(ckpt, work / "onnx", triton_repo=repo)
+        to_onnx.export_checkpoint(ckpt, work / "onnx", triton_repo=repo, one_call=True)  # + beam_search_op
     shutil.copytree(repo / "beam_search", repo / "beam_search_bls")
     cfg_file = repo / "beam_search_bls" / "config.pbtxt"
     text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_bls"')
@@ -239,6 +240,12 @@ def main(argv=None) -> int:
 
         def vec_in(batch):
             return {"sentence_embedding": vectors(batch)}
+
+        from invemb.manifest import generation_limit
+        steps = np.array([generation_limit(emb.manifest) + 1], np.int32)
+
+        def op_in(batch):  # the one-call graph's inputs
+            return {"sentence_embedding": vectors(batch), "num_beams": np.array([4], np.int32), "max_length": steps}
         # (name, batch, max requests, note, [(backend, kind, target, inputs, output)]); the last backend is the
         # reference of the ratio columns
         workloads = [
@@ -248,6 +255,7 @@ def main(argv=None) -> int:
             ("decode", args.decode_batch, args.decode_requests, " vectors, beam 4", [
                 ("Triton beam_search", "triton", "beam_search", vec_in, "text"),
                 ("Triton beam_search_bls", "triton", "beam_search_bls", vec_in, "text"),
+                ("Triton beam_search_op", "triton", "beam_search_op", op_in, "sequences"),
                 ("in-process full rows", "inprocess", lambda b: rows_emb.decode(vectors(b), beam_size=4), None, None),
                 ("in-process", "inprocess", lambda b: emb.decode(vectors(b), beam_size=4), None, None)]),
             ("roundtrip", args.roundtrip_batch, args.roundtrip_requests, " texts, beam 4", [

@@ -29,14 +29,9 @@ def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     """(repository, export dir): the committed configs + python models, and the toy export placed in them."""
     from invemb.export import exporter
     base = tmp_path_factory.mktemp("triton")
-    repo, export_dir = base / "repo", base / "onnx"
-    def generated(folder, names):  # what an earlier local export left in the committed repository
-        return [n for n in names if n.endswith(".onnx") or n in ("manifest.json", "__pycache__")
-                or (n == "tokenizer" and Path(folder).name == "1")]
-
-    shutil.copytree(ROOT / "model_repository", repo, ignore=generated)
-    with exporter.quiet_exporter():
-        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
+    repo, export_dir = exporter.fresh_triton_repo(base / "repo"), base / "onnx"
+    with exporter.quiet_exporter():  # + the one-call beam search graph as the generated model beam_search_op
+        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo, one_call=True)
     return repo, export_dir
 
 
@@ -63,6 +58,28 @@ def test_encode_matches_in_process(client, reference, headlines32):
     got = client.encode(headlines32, batch_size=5, max_in_flight=3)  # ragged batches, several in flight
     assert got.shape == reference["vectors"].shape and got.dtype == np.float32
     np.testing.assert_allclose(got, reference["vectors"], atol=1e-5, rtol=0)
+
+
+def test_one_call_beam_search_op_serves_the_in_process_ids(client, reference, toy_model, triton_repo):
+    """beam_search_op (the whole search in one BeamSearch-op call) answers what OneCallDecoder gives in process;
+    a NaN vector is that request's INVALID_ARGUMENT."""
+    from invemb.export.beam_graph import OneCallDecoder
+    from invemb.manifest import generation_limit
+    local = OneCallDecoder(triton_repo[1], threads=1)
+    vec = reference["vectors"][:6]
+    want_ids, _ = local.decode_ids(vec, beam_size=4)
+    steps = np.array([generation_limit(local.manifest) + 1], np.int32)
+    out = client.infer("beam_search_op", {"sentence_embedding": vec, "num_beams": np.array([4], np.int32),
+                                          "max_length": steps}, ["sequences"])
+    eos = local.eos
+    got = [row[:row.index(eos)] if eos in row else row for row in out["sequences"][:, 0, 1:].tolist()]
+    assert got == want_ids
+    assert toy_model.detokenize(got) == reference["texts"][:6]
+    bad = vec.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ClientError, match="INVALID_ARGUMENT.*NaN"):
+        client.infer("beam_search_op", {"sentence_embedding": bad, "num_beams": np.array([4], np.int32),
+                                        "max_length": steps}, ["sequences"])
 
 
 def test_roundtrip_matches_in_process_decode(client, reference, headlines32, toy_model):

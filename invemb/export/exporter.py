@@ -211,12 +211,16 @@ def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, 
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                      triton_repo: str | os.PathLike | None = None) -> dict:
-    """Load a checkpoint (InvembError when missing/corrupted/incompatible), export it, optionally place it in a
-    Triton model repository. Returns the manifest."""
+                      triton_repo: str | os.PathLike | None = None, one_call: bool = False) -> dict:
+    """Load a checkpoint (InvembError when missing/corrupted/incompatible), export it (+ the one-call beam search
+    graph), optionally place it in a Triton model repository. Returns the manifest."""
     from invemb.model import InvertibleEmbedder
     model = InvertibleEmbedder.from_pretrained(checkpoint_dir)
     manifest = export_model(model, out_dir, opset, source=str(Path(checkpoint_dir).resolve()))
+    if one_call:
+        from invemb.export.beam_graph import build_one_call_graph
+        build_one_call_graph(out_dir)
+        manifest = read_manifest(out_dir)
     if triton_repo:
         place_in_triton_repo(out_dir, triton_repo)
     return manifest
@@ -285,6 +289,14 @@ def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
         _replace_dir(tmp, ver / manifest["tokenizer_dir"])
         _copy_atomic(src / "manifest.json", ver / "manifest.json")
         placed += [ver / "manifest.json", ver / manifest["tokenizer_dir"]]
+    if "one_call" in manifest:  # the one-call beam search graph: a generated model of its own (config included)
+        from invemb.export.beam_graph import triton_config
+        dst = repo / "beam_search_op" / "1" / "model.onnx"
+        _copy_atomic(src / manifest["one_call"]["file"], dst)
+        (repo / "beam_search_op" / "config.pbtxt").write_text(triton_config(manifest))
+        placed.append(dst)
+    elif (repo / "beam_search_op").is_dir():  # left by an earlier export: it would serve other weights
+        shutil.rmtree(repo / "beam_search_op")
     return placed
 
 
@@ -313,17 +325,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="onnx/shipped", help="output folder (replaced atomically; default onnx/shipped)")
     ap.add_argument("--triton-repo", default=None, help="also place the files in this Triton model repository")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ap.add_argument("--one-call", action="store_true",
+                    help="also write beam_search_op.onnx: the whole beam search as one ONNX Runtime BeamSearch op "
+                         "(invemb.export.beam_graph; transformer decoders)")
     args = ap.parse_args(argv)
     try:
         if args.checkpoint is None:
             from invemb.shipped import default_model_path
             args.checkpoint = str(default_model_path())
         with quiet_exporter():
-            manifest = export_checkpoint(args.checkpoint, args.out, args.opset, args.triton_repo)
+            manifest = export_checkpoint(args.checkpoint, args.out, args.opset, args.triton_repo, args.one_call)
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files = ", ".join(g["file"] for g in manifest["graphs"].values())
+    files = ", ".join([g["file"] for g in manifest["graphs"].values()]
+                      + ([manifest["one_call"]["file"]] if "one_call" in manifest else []))
     print(f"exported {manifest['decoder_kind']} model to {args.out}: {files}, manifest.json, tokenizer/"
           + (f"; placed in {args.triton_repo}" if args.triton_repo else ""))
     return 0
