@@ -15,9 +15,16 @@ How our graphs fit the op's T5-style (model_type 1) subgraphs, whose tensor name
   present_key/value_cross_<i> (our cross_*).
 - decoder subgraph = decoder_step: input_ids int32 [B,1] (cast to our int64), encoder_attention_mask (unused),
   past_key/value_self_<i> (our past_*), past_key/value_cross_<i> (our cross_*) -> logits, present_key/value_self_<i>.
-Known differences to our search (measured by scripts/bench_export.py and tests/test_export_beam_graph.py, never
-silent): the op ranks finished hypotheses by sum log p / (1 + length) ** length_penalty (HF's convention, the BOS
-counted) where ours divides by the generated length; texts therefore differ now and then.
+Differences to the core search (read in ORT's beam_search_scorer.cc; the same-text rate on the shipped model is
+measured by scripts/bench_export.py, never assumed):
+- An ended hypothesis scores sum log p / length with length = BOS + tokens before EOS: the core's generated
+  length with EOS, the same number. Beams still alive at the length cap are scored over BOS + max_length tokens
+  (the core: max_length), and the "can a live beam still win" test takes the best of all 2k candidates, EOS ones
+  included (the core: the best live beam).
+- With early_stopping=0 the op's stop test for item b reads next_scores[b*k : b*k + 2k] where item b's candidates
+  are at [b*2k : b*2k + 2k]: every item but the first is stopped by other items' scores, so a text can depend on
+  the batch it was decoded in. This graph therefore sets early_stopping=1 (by default): an item stops as soon as
+  it holds k ended hypotheses, the same for every batch; `early_stopping=False` builds the HF-style variant.
 """
 from __future__ import annotations
 
@@ -54,8 +61,9 @@ def _rename_inputs(model, mapping: dict[str, str]) -> None:
                             sub.input[i] = mapping[name]
 
 
-def build_one_call_graph(export_dir: str | os.PathLike) -> Path:
-    """Write <export_dir>/beam_search_op.onnx from the fp32 decoder_init/decoder_step graphs and record it in the
+def build_one_call_graph(export_dir: str | os.PathLike, early_stopping: bool = True, file: str = ONE_CALL_FILE,
+                         record: bool = True) -> Path:
+    """Write <export_dir>/<file> from the fp32 decoder_init/decoder_step graphs and (record) note it in the
     manifest (`one_call`). Needs the transformer decoder (the GRU pair has no self-attention cache)."""
     import onnx
     from onnx import TensorProto, helper
@@ -133,7 +141,7 @@ def build_one_call_graph(export_dir: str | os.PathLike) -> Path:
                   "repetition_penalty", "", "", "_mask"],
                  ["sequences", "sequences_scores"], domain="com.microsoft", name="beam_search",
                  eos_token_id=int(ids["eos"]), pad_token_id=int(ids["pad"]), decoder_start_token_id=int(ids["bos"]),
-                 model_type=1, vocab_size=v, early_stopping=0, no_repeat_ngram_size=0,
+                 model_type=1, vocab_size=v, early_stopping=int(early_stopping), no_repeat_ngram_size=0,
                  encoder=encoder, decoder=decoder)]
     outs = [helper.make_tensor_value_info("sequences", i32, ["batch", 1, "length"]),
             helper.make_tensor_value_info("sequences_scores", f32, ["batch", 1])]
@@ -142,13 +150,16 @@ def build_one_call_graph(export_dir: str | os.PathLike) -> Path:
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="invemb")
     model.ir_version = init.ir_version
-    path = export_dir / ONE_CALL_FILE
+    path = export_dir / file
     onnx.save(model, str(path))
-    m["one_call"] = {"file": ONE_CALL_FILE, "op": "com.microsoft.BeamSearch (model_type 1)",
-                     "inputs": ["sentence_embedding", "num_beams", "max_length"],
-                     "outputs": ["sequences", "sequences_scores"],
-                     "notes": "max_length counts BOS; scores are sum log p / (1 + length) (HF convention)"}
-    write_manifest(export_dir, m)
+    if record:
+        m["one_call"] = {"file": file, "op": "com.microsoft.BeamSearch (model_type 1)",
+                         "early_stopping": bool(early_stopping),
+                         "inputs": ["sentence_embedding", "num_beams", "max_length"],
+                         "outputs": ["sequences", "sequences_scores"],
+                         "notes": "max_length counts BOS; see invemb/export/beam_graph.py for how its texts can "
+                                  "differ from the core search's"}
+        write_manifest(export_dir, m)
     return path
 
 
@@ -180,13 +191,13 @@ parameters {{ key: "inter_op_thread_count" value: {{ string_value: "1" }} }}
 class OneCallDecoder:
     """Runs beam_search_op.onnx: vectors -> generated ids per row (BOS dropped, cut at EOS)."""
 
-    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None):
+    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, file: str | None = None):
         from invemb.ort import make_session
         self.dir = Path(export_dir)
         self.manifest = m = read_manifest(self.dir)
-        if "one_call" not in m:
+        if "one_call" not in m and file is None:
             raise InvembError(f"{self.dir} has no one-call beam search graph (export with --one-call)")
-        self.session = make_session(self.dir / m["one_call"]["file"], threads)
+        self.session = make_session(self.dir / (file or m["one_call"]["file"]), threads)
         self.eos, self.pad = int(m["special_ids"]["eos"]), int(m["special_ids"]["pad"])
 
     def decode_ids(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None
