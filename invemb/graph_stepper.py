@@ -55,12 +55,28 @@ class GraphStepper:
             scores = Candidates(scores.log_probs[rows], scores.ids[rows], scores.vocab_size)
         else:
             scores = scores[rows]
-        return scores, reorder_rows(cache, rows)
+        return scores, {**reorder_rows(cache, rows), ITEM: rows}
 
     def step(self, tokens: np.ndarray, cache: dict):
-        feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), **cache}  # [N,1]
+        feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1),  # [N,1]
+                 **{k: v for k, v in cache.items() if k != ITEM}}
         out = self.run("decoder_step", feeds, self.plan.outputs("decoder_step", bool(self.n)))
         return self._scores(out), {**cache, **{name: out[src] for name, src in self.plan.carried.items()}}
 
     def reorder(self, cache: dict, rows: np.ndarray) -> dict:
-        return {k: np.ascontiguousarray(v) for k, v in reorder_rows(cache, np.asarray(rows)).items()}
+        """Rows of the cache -> the rows `rows` [N'] of it. Entries that never change (cross_*, context) are the
+        same for every beam of an item: while each new row keeps the item of the row it replaces (beam reordering
+        within items, the common case), they are kept as they are instead of copied (6 x [N, heads, slots, dh]
+        per step)."""
+        rows = np.asarray(rows)
+        item = cache[ITEM][rows]  # [N'] item of each new row
+        same_items = item.shape == cache[ITEM].shape and np.array_equal(item, cache[ITEM])
+        out = {ITEM: item}
+        for k, v in cache.items():
+            if k != ITEM:
+                keep = same_items and k not in self.plan.carried
+                out[k] = v if keep else np.ascontiguousarray(v[rows])
+        return out
+
+
+ITEM = "_item"  # cache entry (never fed to a graph): the batch item of each cache row

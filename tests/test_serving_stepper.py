@@ -87,3 +87,29 @@ def test_top_n_equals_stable_argsort():
         if trial % 3 == 0:
             x[:, ::2] = -1e9  # dead beams, as at the first search step
         np.testing.assert_array_equal(top_n(x, n), np.argsort(-x, axis=1, kind="stable")[:, :n])
+
+
+def test_reorder_keeps_per_item_entries_only_while_items_stay():
+    """Beam reordering within items reuses the never-changing cross entries; dropping an item gathers them."""
+    manifest = _manifest({"decoder_init": (["sentence_embedding"], ["log_probs", "cross_key_0", "present_key_0"]),
+                          "decoder_step": (["input_ids", "cross_key_0", "past_key_0"],
+                                           ["log_probs", "present_key_0"])})
+    vectors = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
+
+    def run(graph, feeds, outputs):
+        assert "_item" not in feeds  # bookkeeping never reaches a graph
+        n = len(feeds.get("sentence_embedding", feeds.get("input_ids")))
+        item = feeds["sentence_embedding"][:, :1] if graph == "decoder_init" else feeds["cross_key_0"][:, :1]
+        out = {"log_probs": np.zeros((n, 5), np.float32), "cross_key_0": np.repeat(item, 3, axis=1),
+               "present_key_0": np.arange(n, dtype=np.float32)[:, None]}
+        return {k: out[k] for k in outputs}
+    st = GraphStepper(run, manifest, vectors, candidates=False)
+    _, cache = st.start(3)  # rows 0-2: item 0, rows 3-5: item 1
+    within = st.reorder(cache, np.array([2, 2, 0, 5, 3, 3]))
+    assert within["cross_key_0"] is cache["cross_key_0"]  # same items per row: not copied
+    np.testing.assert_array_equal(within["past_key_0"], cache["past_key_0"][[2, 2, 0, 5, 3, 3]])
+    dropped = st.reorder(within, np.array([3, 4, 5]))  # item 0 finished
+    np.testing.assert_array_equal(dropped["cross_key_0"][:, 0], [4.0, 4.0, 4.0])  # item 1's vector[0]
+    assert dropped["_item"].tolist() == [1, 1, 1]
+    _, stepped = st.step(np.array([1, 1, 1]), dropped)
+    assert set(stepped) == {"cross_key_0", "past_key_0", "_item"}
