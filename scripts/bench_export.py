@@ -206,8 +206,9 @@ def to_markdown(res: dict) -> str:
                   f"| early_stopping=1 (the exported default) | {oc['same_text_rate']:.1%} | "
                   f"{oc['alone_vs_batched']:.1%} | - |",
                   f"| early_stopping=0 (HF-style stop test) | {oc['hf_same_text_rate']:.1%} | "
-                  f"{oc['hf_alone_vs_batched']:.1%} | {oc['hf_alone_same_text_rate']:.1%} |", "",
-                  "Texts where the default graph and the core search differ:"]
+                  f"{oc['hf_alone_vs_batched']:.1%} | {oc['hf_alone_same_text_rate']:.1%} |", ""]
+        if oc["examples"]:
+            lines.append("Texts where the default graph and the core search differ (first 5):")
         lines += [f"- core: `{a}` / op: `{b}`" for a, b in oc["examples"]] + [""]
     lines += [
         f"## KV-cached step decoding vs full recompute (greedy, exactly L tokens, {res['steps'][0]['rows']} rows)", "",
