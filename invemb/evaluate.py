@@ -31,8 +31,11 @@ def teacher_forced(model, texts: list[str], batch_size: int = 64) -> dict[str, f
 
 def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, scorer: str | None = DEFAULT_SCORER,
              paraphrase_model: str | None = None, noise_sigma: float = 0.0, seed: int = 0, n_examples: int = 10,
-             progress: bool = False, with_teacher_forced: bool = True) -> dict:
-    """Full metric set on `texts`. `scorer=None` skips BERTScore and paraphrase cosine (fast)."""
+             progress: bool = False, with_teacher_forced: bool = True, decoder=None) -> dict:
+    """Full metric set on `texts`. `scorer=None` skips BERTScore and paraphrase cosine (fast). `decoder`: what
+    decodes the vectors (anything with decode_ids, e.g. an OnnxEmbedder of the same model's export; default the
+    model itself); encoding, references and teacher forcing stay the model's."""
+    decoder = decoder or model
     refs = model.reference_texts(texts)
     ref_ids = [ids + [model.eos_id] for ids in _content_ids(model, texts)]
     result: dict = {"n": len(texts), "noise_sigma": noise_sigma, "scorer": scorer,
@@ -46,7 +49,7 @@ def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, s
         name = "greedy" if beam == 1 else f"beam{beam}"
         ids: list[list[int]] = []
         for i in range(0, len(vectors), batch_size):
-            ids.extend(model.decode_ids(vectors[i:i + batch_size], beam_size=beam))
+            ids.extend(decoder.decode_ids(vectors[i:i + batch_size], beam_size=beam))
         hyps = model.detokenize(ids)
         metrics = {"token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids)}
         metrics.update(text_metrics(hyps, refs, scorer, paraphrase_model))

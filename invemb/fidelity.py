@@ -45,11 +45,12 @@ def compress(vectors: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
 
 
 def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int = 1,
-                  batch_size: int = 64) -> dict:
-    """exact / BLEU / generated token accuracy of decoding `vectors` against `texts`' references."""
+                  batch_size: int = 64, decoder=None) -> dict:
+    """exact / BLEU / generated token accuracy of decoding `vectors` (by `decoder`, default the model) against
+    `texts`' references."""
     ids: list[list[int]] = []
     for i in range(0, len(vectors), batch_size):
-        ids.extend(model.decode_ids(vectors[i:i + batch_size], beam_size=beam_size))
+        ids.extend((decoder or model).decode_ids(vectors[i:i + batch_size], beam_size=beam_size))
     hyps, refs = model.detokenize(ids), model.reference_texts(texts)
     enc = model.tokenize(texts)["input_ids"].tolist()
     special = {model.bos_id, model.eos_id, model.pad_id}
@@ -58,23 +59,24 @@ def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int =
             "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids), "hyps": hyps}
 
 
-def noise_study(model, texts: list[str], sigmas=(0.0, 0.05, 0.1, 0.2, 0.5), beam_size: int = 1) -> list[dict]:
+def noise_study(model, texts: list[str], sigmas=(0.0, 0.05, 0.1, 0.2, 0.5), beam_size: int = 1,
+                decoder=None) -> list[dict]:
     vectors = model.encode(texts)
     rows = []
     for sigma in sigmas:
-        r = decode_scores(model, add_vector_noise(vectors, sigma, seed=0), texts, beam_size)
+        r = decode_scores(model, add_vector_noise(vectors, sigma, seed=0), texts, beam_size, decoder=decoder)
         r.pop("hyps")
         rows.append({"sigma": sigma, **r})
     return rows
 
 
 def compression_study(model, texts: list[str], kinds=("fp32", "fp16", "int8", "sign1"),
-                      beam_size: int = 1) -> list[dict]:
+                      beam_size: int = 1, decoder=None) -> list[dict]:
     vectors = model.encode(texts)
     rows = []
     for kind in kinds:
         v, nbytes = compress(vectors, kind)
-        r = decode_scores(model, v, texts, beam_size)
+        r = decode_scores(model, v, texts, beam_size, decoder=decoder)
         r.pop("hyps")
         cos = float(np.mean((v * vectors).sum(1) /
                             (np.linalg.norm(v, axis=1) * np.linalg.norm(vectors, axis=1) + 1e-12)))
@@ -98,10 +100,10 @@ def ort_int8_study(export_dir, texts: list[str], refs: list[str], beam_size: int
 
 
 def full_evaluation(model, texts: list[str], beam_sizes=(1, 4), scorer: str | None = None,
-                    score_limit: int = 0, progress: bool = False) -> dict:
+                    score_limit: int = 0, progress: bool = False, decoder=None) -> dict:
     """evaluate() on all texts for exact/BLEU/token accuracy/top-k; BERTScore + paraphrase cosine on the first
     score_limit texts (0: all) -- the mpnet scorer is the slowest part on 2 CPU cores."""
-    res = evaluate(model, texts, beam_sizes, scorer=None, progress=progress)
+    res = evaluate(model, texts, beam_sizes, scorer=None, progress=progress, decoder=decoder)
     if scorer:
         from invemb.metrics import text_metrics
         k = score_limit or len(texts)
