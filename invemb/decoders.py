@@ -142,7 +142,7 @@ class TransformerDecoder(nn.Module):
             return ids
         return torch.where(ids >= 0, self.vocab_map[ids.clamp(min=0)], ids)
 
-    def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+    def to_full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # logits [N,t,Vc] -> [N,t,V]: a gather from the compact logits + one NEG_LOGIT column for the pieces
         # outside the compact vocabulary (vocab_ids[vocab_map[i]] != i exactly for those)
         known = self.vocab_ids[self.vocab_map] == torch.arange(self.vocab_size, device=logits.device)  # [V]
@@ -177,7 +177,7 @@ class TransformerDecoder(nn.Module):
         if full_vocab is None:  # the final states, before the output layer (sampled softmax)
             return self.ln_f(x), new
         logits = self.head(self.ln_f(x))  # [N,t,Vc or V]
-        return (self._full_logits(logits) if self.compact and full_vocab else logits), new
+        return (self.to_full_vocab(logits) if self.compact and full_vocab else logits), new
 
     def forward(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits over the decoder's own output vocabulary (compact ids; see `targets`)."""

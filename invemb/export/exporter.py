@@ -48,11 +48,24 @@ def _wrappers():
         def forward(self, input_ids, attention_mask):  # [B,T] int64 x2 -> [B,S]
             return self.encoder(input_ids, attention_mask).float()
 
-    def scores(logits, top_k: int):
-        """logits [B,t,V] -> log_probs [B,V] of the last position, top_log_probs [B,K], top_ids [B,K] (TopK node)."""
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+    def step(decoder, input_ids, cache):
+        """decoder.step over the decoder's own output ids: a compact vocabulary's Vc logits, not the V-wide
+        scatter (the GRU decoder has no compact vocabulary)."""
+        if getattr(decoder, "compact", False):
+            return decoder.step(input_ids, cache, full_vocab=False)
+        return decoder.step(input_ids, cache)
+
+    def scores(decoder, logits, top_k: int):
+        """logits [B,t,Vo] (Vo = V, or Vc for a compact vocabulary) -> log_probs [B,V] of the last position,
+        top_log_probs [B,K], top_ids [B,K] (TopK node). A compact vocabulary log-softmaxes and ranks its Vc columns
+        only (18k of 30.5k for the shipped model); its vocab_ids are sorted, so TopK's ties (lower index first)
+        stay lower tokenizer id first, and the V-wide log_probs is one gather (NEG_LOGIT for pieces outside)."""
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)  # [B,Vo]
         top = torch.topk(log_probs, top_k, dim=-1, largest=True, sorted=True)
-        return log_probs, top.values, top.indices
+        if not getattr(decoder, "compact", False):
+            return log_probs, top.values, top.indices
+        full = decoder.to_full_vocab(log_probs[:, None])[:, 0]  # [B,V]
+        return full, top.values, decoder.vocab_ids[top.indices]
 
     class DecoderInit(nn.Module):
         """sentence_embedding [B,S] -> log_probs [B,V] after BOS, then the cache tensors in `names` order."""
@@ -64,9 +77,9 @@ def _wrappers():
         def forward(self, sentence_embedding):
             cache = self.decoder.init_cache(sentence_embedding)
             bos = torch.full_like(sentence_embedding[:, :1], self.bos_id, dtype=torch.long)  # [B,1]
-            logits, cache = self.decoder.step(bos, cache)  # [B,1,V]
+            logits, cache = step(self.decoder, bos, cache)  # [B,1,Vo]
             out = {**cache, **present_outputs(cache)}  # cross_*/context as they are; past_X / hidden as present_*
-            return scores(logits, self.top_k) + tuple(out[n] for n in self.names)
+            return scores(self.decoder, logits, self.top_k) + tuple(out[n] for n in self.names)
 
     class DecoderStep(nn.Module):
         """input_ids [B,t] + cache tensors (in `in_names` order) -> log_probs [B,V] of the last position + presents."""
@@ -77,9 +90,9 @@ def _wrappers():
 
         def forward(self, input_ids, *cache_tensors):
             cache = dict(zip(self.in_names, cache_tensors))
-            logits, new = self.decoder.step(input_ids, cache)  # [B,t,V]
+            logits, new = step(self.decoder, input_ids, cache)  # [B,t,Vo]
             new = present_outputs(new)
-            return scores(logits, self.top_k) + tuple(new[n] for n in self.out_names)
+            return scores(self.decoder, logits, self.top_k) + tuple(new[n] for n in self.out_names)
 
     class OnePass(nn.Module):
         def __init__(self, decoder, length: int):
