@@ -2,7 +2,7 @@
 
     invemb roundtrip "Oil prices fall as OPEC output rises"          # the shipped model (models/)
     invemb encode    [--checkpoint DIR] --input headlines.txt --output vectors.npy
-    invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4]
+    invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4] [--rerank]
     invemb evaluate  [--checkpoint DIR] [--data PATH] [--limit 500] [--output metrics.json]
     invemb pipeline  [--data PATH] [--out runs/pipeline]      # train -> evaluate -> export -> serve -> roundtrip
 
@@ -65,7 +65,8 @@ def _read_vectors(path: str):
 def cmd_decode(args) -> None:
     model = _load(args)
     vectors = model.check_vectors(_read_vectors(args.input))
-    texts = model.decode(vectors, beam_size=args.beam_size, batch_size=args.batch_size, progress=True)
+    texts = model.decode(vectors, beam_size=args.beam_size, batch_size=args.batch_size, progress=True,
+                         rerank=args.rerank)
     if args.output:
         atomic_write(args.output, lambda p: Path(p).write_text("\n".join(texts) + "\n"))
         print(f"wrote {len(texts)} texts to {args.output}")
@@ -79,7 +80,7 @@ def cmd_roundtrip(args) -> None:
     if not texts:
         raise InvembError("give texts as arguments or --input FILE")
     model = _load(args)
-    decoded = model.decode(model.encode(texts), beam_size=args.beam_size)
+    decoded = model.decode(model.encode(texts), beam_size=args.beam_size, rerank=args.rerank)
     width = min(60, max(len(t) for t in texts))
     print(f"{'input':<{width}} | decoded (beam {args.beam_size})")
     print("-" * width + "-+-" + "-" * width)
@@ -125,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True)
     sp.add_argument("--output")
     sp.add_argument("--beam-size", type=int, default=4)
+    sp.add_argument("--rerank", action="store_true",
+                    help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
     sp.set_defaults(func=cmd_decode)
     sp = common(sub.add_parser("roundtrip", help="text -> vector -> text, side by side"))
     sp.add_argument("texts", nargs="*")
     sp.add_argument("--input")
     sp.add_argument("--beam-size", type=int, default=4)
+    sp.add_argument("--rerank", action="store_true",
+                    help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
     sp.set_defaults(func=cmd_roundtrip)
     sp = common(sub.add_parser("evaluate", help="checkpoint + data -> metrics JSON + table"))
     sp.add_argument("--data", help="data folder/file (default: $INVEMB_DATA)")

@@ -1,6 +1,6 @@
 """The surface every embedder shares (the torch `InvertibleEmbedder` and the ONNX Runtime `OnnxEmbedder`):
 encode texts in length-sorted batches, check vectors, the generation defaults, decode (step search or the
-one-pass cut at EOS) and detokenize. A backend supplies the pieces that touch its runtime:
+one-pass cut at EOS; optionally re-ranking the beam's n-best by re-encoding them) and detokenize. A backend supplies the pieces that touch its runtime:
 
     _encode_batch(texts) -> float32 [b,S]        one batch of clean texts through the encoder
     _stepper(vectors [N,S]) -> Stepper            the decoder as an invemb.generation.Stepper
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from invemb.generation import GenerationConfig, cut_at_eos, generate, generation_config
+from invemb.generation import GenerationConfig, Hypothesis, beam_search, cut_at_eos, generate, generation_config
 from invemb.text import check_vectors, clean_texts, detokenize_ids, length_sorted_batches
 
 
@@ -68,12 +68,48 @@ class EmbedderBase:
             return cut_at_eos(self._onepass_ids(v, cfg), self.eos_id)
         return [h.tokens for h in generate(self._stepper(v), cfg)]
 
+    def decode_nbest(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw
+                     ) -> list[list[Hypothesis]]:
+        """Vectors [N,S] -> per row the beam's finished hypotheses, best score first (up to beam_size)."""
+        if self.one_pass:
+            raise ValueError("a one-pass decoder has no beam: n-best decoding needs a step decoder")
+        v = self.check_vectors(vectors)
+        cfg = self.generation_config(beam_size, max_length, num_return=beam_size, **kw)
+        return beam_search(self._stepper(v), cfg)
+
+    def rerank_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
+        """Round-trip re-ranking: decode each vector's n-best, encode every candidate text, keep the one whose
+        vector is closest (cosine) to the given vector (ties: the better search score). The search ranks by the
+        decoder's likelihood, which favours frequent phrasings; the encoder tells which candidate says what the
+        vector says. Costs one encode of beam_size texts per row."""
+        v = self.check_vectors(vectors)
+        nbest = self.decode_nbest(v, beam_size, max_length, **kw)
+        return [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, self.roundtrip_choice(v, nbest))]
+
+    def roundtrip_choice(self, vectors: np.ndarray, nbest: list[list[Hypothesis]]) -> list[int]:
+        """Per row, the index of the hypothesis whose re-encoded text is closest (cosine) to the row's vector
+        (the first, i.e. best-scored, of equal cosines; an empty text is never chosen over a non-empty one)."""
+        texts = [self.detokenize([h.tokens for h in hyps]) for hyps in nbest]
+        flat = [t or "[UNK]" for ts in texts for t in ts]  # an empty candidate cannot be encoded as it is
+        enc = self.encode(flat) if flat else np.zeros((0, vectors.shape[1]), np.float32)  # [sum n_i, S]
+        enc /= np.linalg.norm(enc, axis=1, keepdims=True) + 1e-12
+        unit = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
+        out, at = [], 0
+        for row, hyps in enumerate(nbest):
+            cos = enc[at:at + len(hyps)] @ unit[row]  # [n_i]
+            cos[[not t for t in texts[row]]] = -np.inf
+            out.append(int(np.argmax(cos)) if hyps else 0)  # argmax: the first (best score) of ties
+            at += len(hyps)
+        return out
+
     def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
-               progress: bool = False, **kw) -> list[str]:
-        """Vectors [N,S] -> texts. beam_size=1 is greedy. kw: length_penalty, no_repeat_ngram_size."""
+               progress: bool = False, rerank: bool = False, **kw) -> list[str]:
+        """Vectors [N,S] -> texts. beam_size=1 is greedy. rerank=True (beam_size > 1): re-rank the beam's n-best
+        by re-encoding (rerank_ids). kw: length_penalty, no_repeat_ngram_size."""
         from tqdm.auto import tqdm
         v = self.check_vectors(vectors)
+        one = self.rerank_ids if rerank and beam_size > 1 else self.decode_ids
         ids: list[list[int]] = []
         for i in tqdm(range(0, len(v), batch_size), disable=not progress, desc="decode", unit="batch"):
-            ids.extend(self.decode_ids(v[i:i + batch_size], beam_size, max_length, **kw))
+            ids.extend(one(v[i:i + batch_size], beam_size, max_length, **kw))
         return self.detokenize(ids)

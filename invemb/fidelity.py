@@ -5,7 +5,8 @@
 - new headlines: the newest 30 days of the data (held out of the shipped model's training);
 - the noise study: N(0, (sigma * rms(v))^2) added to each vector;
 - vector compression: float16, int8 with a per-vector scale, 1-bit sign (+ one float scale): bytes vs quality;
-- the ONNX Runtime int8 variant vs float32 on the same headlines (same-text rate, BLEU).
+- the ONNX Runtime int8 variant vs float32 on the same headlines (same-text rate, BLEU);
+- round-trip re-ranking: the beam's n-best re-ranked by re-encoding each candidate, vs the beam alone.
 """
 from __future__ import annotations
 
@@ -45,18 +46,48 @@ def compress(vectors: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
 
 
 def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int = 1,
-                  batch_size: int = 64, decoder=None) -> dict:
-    """exact / BLEU / generated token accuracy of decoding `vectors` (by `decoder`, default the model) against
-    `texts`' references."""
+                  batch_size: int = 64, decoder=None, rerank: bool = False) -> dict:
+    """exact / BLEU / generated token accuracy of decoding `vectors` (by `decoder`, default the model; rerank:
+    the beam's n-best re-ranked by re-encoding) against `texts`' references."""
+    dec = decoder or model
+    one = dec.rerank_ids if rerank else dec.decode_ids
     ids: list[list[int]] = []
     for i in range(0, len(vectors), batch_size):
-        ids.extend((decoder or model).decode_ids(vectors[i:i + batch_size], beam_size=beam_size))
+        ids.extend(one(vectors[i:i + batch_size], beam_size=beam_size))
     hyps, refs = model.detokenize(ids), model.reference_texts(texts)
     enc = model.tokenize(texts)["input_ids"].tolist()
     special = {model.bos_id, model.eos_id, model.pad_id}
     ref_ids = [[t for t in row if t not in special] + [model.eos_id] for row in enc]
     return {"exact_match": exact_match(hyps, refs), "bleu": bleu(hyps, refs),
             "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids), "hyps": hyps}
+
+
+def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_size: int = 64) -> list[dict]:
+    """Per beam size: the beam's best hypothesis vs its n-best re-ranked by re-encoding (roundtrip_choice), both
+    from ONE search (the first of the n-best is what decode() returns)."""
+    dec = decoder or model
+    vectors = dec.encode(texts)
+    refs = model.reference_texts(texts)
+    enc = model.tokenize(texts)["input_ids"].tolist()
+    special = {model.bos_id, model.eos_id, model.pad_id}
+    ref_ids = [[t for t in row if t not in special] + [model.eos_id] for row in enc]
+    rows = []
+    for beam in beams:
+        t0 = time.time()
+        nbest = []
+        for i in range(0, len(vectors), batch_size):
+            nbest.extend(dec.decode_nbest(vectors[i:i + batch_size], beam_size=beam))
+        t_search = time.time() - t0
+        picks = {"": [0] * len(nbest), " + rerank": dec.roundtrip_choice(vectors, nbest)}
+        t_rerank = time.time() - t0 - t_search
+        for name, pick in picks.items():
+            ids = [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)]
+            hyps = model.detokenize(ids)
+            rows.append({"decode": f"beam{beam}{name}", "n": len(texts), "exact_match": exact_match(hyps, refs),
+                         "bleu": bleu(hyps, refs),
+                         "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids),
+                         "seconds": round(t_search + (t_rerank if name else 0.0), 1)})
+    return rows
 
 
 def noise_study(model, texts: list[str], sigmas=(0.0, 0.05, 0.1, 0.2, 0.5), beam_size: int = 1,

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val-limit", type=int, default=0, help="validation headlines (0: the whole split)")
     ap.add_argument("--score-limit", type=int, default=1000, help="headlines scored with BERTScore/paraphrase cos")
     ap.add_argument("--study-limit", type=int, default=500, help="headlines of the noise/compression studies")
+    ap.add_argument("--rerank-limit", type=int, default=0,
+                    help="validation headlines of the re-ranking study (0: the whole split; -1: skip)")
     ap.add_argument("--int8-limit", type=int, default=300, help="headlines of the ORT int8 vs fp32 check (0: skip)")
     ap.add_argument("--scorer", default="all-mpnet-base-v2")
     ap.add_argument("--work", default=str(REPO / "runs/fidelity"), help="export folder for the int8 check")
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     import torch
     from invemb.data import load_headlines, newest_cutoff, newest_records, split_records
     from invemb.fidelity import (REPORT_ROWS, compression_study, full_evaluation, noise_study,
-                                 ort_int8_study)
+                                 ort_int8_study, rerank_study)
     from invemb.model import InvertibleEmbedder, read_checkpoint_config
     t_start = time.time()
     try:
@@ -133,6 +135,9 @@ def main(argv=None) -> int:
     study = val[:args.study_limit]
     res["noise"] = stage("noise study", lambda: noise_study(model, study, decoder=decoder))
     res["compression"] = stage("compression", lambda: compression_study(model, study, decoder=decoder))
+    if args.rerank_limit >= 0:
+        res["rerank"] = stage("re-ranking", lambda: rerank_study(model, val[:args.rerank_limit or None],
+                                                                 decoder=decoder))
     if args.int8_limit > 0:
         def int8():
             export()
@@ -184,6 +189,15 @@ def render(res: dict, seconds: float) -> str:
     lines += ["", "## Vector compression (greedy)", ""]
     lines += _table(res["compression"], ["compression", "bytes_per_headline", "cosine_to_fp32", "token_acc",
                                          "exact_match", "bleu"])
+    if res.get("rerank"):
+        rr = res["rerank"]
+        lines += ["", f"## Round-trip re-ranking ({rr[0]['n']} validation headlines)", "",
+                  "The beam's finished hypotheses (as many as the beam size) are re-encoded and the one whose vector "
+                  "is closest (cosine) to the given vector is kept (`decode(..., rerank=True)`, `invemb decode "
+                  "--rerank`): the decoder's likelihood favours frequent phrasings, the encoder checks which "
+                  "candidate says what the vector says. Cost: one encode per candidate. Both rows of a beam size come "
+                  "from one search (its best hypothesis / the re-ranked choice); seconds include the search.", ""]
+        lines += _table(rr, ["decode", "token_acc", "exact_match", "bleu", "seconds"])
     if "int8" in res:
         i8 = res["int8"]
         lines += ["", f"## ONNX Runtime int8 variant vs fp32 ({i8['n']} validation headlines, beam 4)", ""]

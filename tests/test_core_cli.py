@@ -19,6 +19,9 @@ def test_encode_decode_roundtrip(toy_checkpoint, toy_model, headlines32, tmp_pat
     assert main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"),
                  "--output", str(tmp_path / "out.txt")]) == 0
     assert (tmp_path / "out.txt").read_text().splitlines() == toy_model.reference_texts(headlines32[:5])
+    assert main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"), "--rerank",
+                 "--beam-size", "3", "--output", str(tmp_path / "rr.txt")]) == 0
+    assert (tmp_path / "rr.txt").read_text().splitlines() == toy_model.decode(v, beam_size=3, rerank=True)
     capsys.readouterr()
     assert main(["roundtrip", "--checkpoint", str(toy_checkpoint), headlines32[0]]) == 0
     out = capsys.readouterr().out
