@@ -128,6 +128,7 @@ class TrainConfig:
     word_dropout: float = 0.0  # share of decoder input tokens (after [CLS]) replaced by [MASK] during training
     augment_crops: int = 0  # word-span crops of each training headline added as training texts (invemb.data)
     crop_min_words: int = 3  # shortest crop, in words
+    cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:

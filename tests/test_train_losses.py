@@ -134,3 +134,29 @@ def test_word_dropout_masks_decoder_inputs_in_training_only(toy, monkeypatch):
     with pytest.raises(InvembError, match="word_dropout"):
         from invemb.config import TrainConfig
         TrainConfig.from_dict({"preset": "toy", "word_dropout": 1.0})
+
+
+def test_cpu_bf16_engine_autocasts_only_where_the_cpu_has_bf16(monkeypatch):
+    """cpu_bf16: the plain engine runs the step under bf16 autocast when the CPU multiplies bf16 natively (the
+    flags say so), never on other CPUs (emulated bf16 is slower than fp32); the weights stay fp32 and the step
+    still learns."""
+    import dataclasses
+
+    from invemb.model import InvertibleEmbedder
+    from invemb.training import engine as eng_mod
+    cfg = dataclasses.replace(preset("toy"), cpu_bf16=True, lr=3e-3)
+    for native in (False, True):
+        monkeypatch.setattr(eng_mod, "cpu_bf16_available", lambda: native)
+        torch.manual_seed(0)
+        model = InvertibleEmbedder(cfg.model)
+        eng = eng_mod.PlainEngine(Objective(model).train(), cfg)
+        assert eng.bf16 is native
+        batch = model.tokenize(TEXTS)
+        with torch.no_grad():
+            first = float(eng.forward(**batch)["loss"])
+        for _ in range(30):
+            out = eng.train_micro_batch(**batch)
+        assert out["loss"].item() < first * 0.8, (native, first, out["loss"].item())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    cfg_off = dataclasses.replace(cfg, cpu_bf16=False)
+    assert eng_mod.PlainEngine(Objective(InvertibleEmbedder(cfg.model)).train(), cfg_off).bf16 is False

@@ -32,6 +32,16 @@ def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def cpu_bf16_available() -> bool:
+    """Whether this CPU multiplies bf16 natively (Intel AMX or AVX512-BF16; oneDNN uses them under autocast).
+    Without them bf16 autocast is emulated and slower than fp32, so it is never switched on there."""
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def load_ds_config(cfg: TrainConfig, world: int) -> dict:
     """Read the DeepSpeed JSON and fill batch/accumulation/clipping/bf16 from the recipe (the one source of truth).
 
@@ -134,14 +144,15 @@ class EngineBase:
 
 
 class PlainEngine(EngineBase):
-    """One process: torch AdamW + grad clipping + accumulation; bf16 autocast on a GPU that has it."""
+    """One process: torch AdamW + grad clipping + accumulation; bf16 autocast on a GPU that has it, and on a CPU
+    with native bf16 matmuls when the recipe asks (cpu_bf16); the weights and the optimizer stay fp32."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainConfig):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.module = module.to(self.device)
         self.optimizer, self.scheduler = _optimizer(module, cfg)
-        self.bf16 = bf16_available()
+        self.bf16 = bf16_available() if self.device.type == "cuda" else (cfg.cpu_bf16 and cpu_bf16_available())
         self.micro = 0
 
     def forward(self, **batch) -> dict:
