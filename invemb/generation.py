@@ -36,6 +36,10 @@ class Candidates:
         if self.log_probs.shape != self.ids.shape or self.log_probs.ndim != 2:
             raise ValueError(f"Candidates: log_probs {self.log_probs.shape} and ids {self.ids.shape} must be [N,n]")
 
+    def take(self, rows: np.ndarray) -> "Candidates":
+        """The rows `rows` [N'] (kept / duplicated, as reorder_rows does for a cache)."""
+        return Candidates(self.log_probs[rows], self.ids[rows], self.vocab_size)
+
     @classmethod
     def of(cls, log_probs: np.ndarray, n: int) -> "Candidates":
         """The n best of full rows [N,V] (ties by lower id): what a TopK graph output holds."""

@@ -39,7 +39,7 @@ class GraphStepper:
         """Full rows [N,V], or Candidates [N,n] from the graph's TopK outputs (sorted: the first n are the n best)."""
         if not self.n:
             return out["log_probs"]
-        return Candidates(out["top_log_probs"][:, :self.n], out["top_ids"][:, :self.n].astype(np.int64),
+        return Candidates(out["top_log_probs"][:, :self.n], out["top_ids"][:, :self.n].astype(np.int64, copy=False),
                           int(self.manifest["vocab_size"]))
 
     def start(self, num_beams: int, candidates: int = 0):
@@ -51,10 +51,7 @@ class GraphStepper:
         cache = {name: out[src] for name, src in self.plan.first.items()}  # rows [B]
         rows = np.repeat(np.arange(self.batch_size), num_beams)  # [B*beams]: item b's beams are rows b*beams..
         scores = self._scores(out)
-        if isinstance(scores, Candidates):
-            scores = Candidates(scores.log_probs[rows], scores.ids[rows], scores.vocab_size)
-        else:
-            scores = scores[rows]
+        scores = scores.take(rows) if isinstance(scores, Candidates) else scores[rows]
         return scores, {**reorder_rows(cache, rows), ITEM: rows}
 
     def step(self, tokens: np.ndarray, cache: dict):

@@ -7,7 +7,7 @@
 Workloads, each request one batch of validation headlines (or their vectors):
   encode     text -> vector: Triton `encode` ensemble vs in-process OnnxEmbedder.encode
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
-             default), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
+             default), the same model as 2 instances (`beam_search_x2`), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
              one-call BeamSearch-op graph: token ids, detokenized by the caller), in-process over the top-k
              graphs and in-process over full log_probs rows
   roundtrip  text -> text: Triton `roundtrip` ensemble vs in-process encode + decode
@@ -145,6 +145,10 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     cfg_file = repo / "beam_search_bls" / "config.pbtxt"
     text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_bls"')
     cfg_file.write_text(text.replace('value: { string_value: "onnxruntime" }', 'value: { string_value: "bls" }'))
+    shutil.copytree(repo / "beam_search", repo / "beam_search_x2")  # two instances: one per core of this box
+    cfg_file = repo / "beam_search_x2" / "config.pbtxt"
+    text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_x2"')
+    cfg_file.write_text(text.replace("instance_group [ { count: 1 ", "instance_group [ { count: 2 "))
     return repo, work / "onnx", desc
 
 
@@ -254,6 +258,7 @@ def main(argv=None) -> int:
                 ("in-process", "inprocess", lambda b: emb.encode(b), None, None)]),
             ("decode", args.decode_batch, args.decode_requests, " vectors, beam 4", [
                 ("Triton beam_search", "triton", "beam_search", vec_in, "text"),
+                ("Triton beam_search_x2", "triton", "beam_search_x2", vec_in, "text"),
                 ("Triton beam_search_bls", "triton", "beam_search_bls", vec_in, "text"),
                 ("Triton beam_search_op", "triton", "beam_search_op", op_in, "sequences"),
                 ("in-process full rows", "inprocess", lambda b: rows_emb.decode(vectors(b), beam_size=4), None, None),

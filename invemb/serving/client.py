@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from invemb.errors import InvembError
+from invemb.text import length_sorted_batches
 
 RETRYABLE = ("UNAVAILABLE",)
 # (status, message part): a model process crashed (until the server notices) / the model is being reloaded
@@ -42,6 +43,14 @@ class ClientError(InvembError):
 def text_tensor(texts: Sequence[str | bytes]) -> np.ndarray:
     """Texts -> BYTES [B,1] (str encoded as UTF-8; bytes sent as they are)."""
     return np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=np.object_)
+
+
+def unsort(rows: list[np.ndarray], parts: list[np.ndarray]) -> np.ndarray:
+    """Results of requests made from `rows` (index batches of length_sorted_batches) -> one array in input order."""
+    order = np.concatenate(rows)
+    out = np.empty((len(order),) + parts[0].shape[1:], dtype=parts[0].dtype)
+    out[order] = np.concatenate(parts)
+    return out
 
 
 class TritonClient:
@@ -154,12 +163,14 @@ class TritonClient:
     # ----------------------------------------------------------------------------------------------- models
     def encode(self, texts: Sequence[str | bytes], batch_size: int = 32, max_in_flight: int = 4,
                progress: bool = False) -> np.ndarray:
-        """Texts -> float32 [N,S] through the `encode` ensemble (tokenizer -> encoder)."""
-        batches = [{"text": text_tensor(texts[i:i + batch_size])} for i in range(0, len(texts), batch_size)]
-        out = self.infer_many("encode", batches, ["sentence_embedding"], max_in_flight, progress, "encode")
-        if not out:
+        """Texts -> float32 [N,S] through the `encode` ensemble (tokenizer -> encoder). Requests hold texts of
+        similar length (each pads to its own longest text); rows come back in the input order."""
+        if not len(texts):
             raise ClientError("no texts to encode")
-        return np.concatenate([o["sentence_embedding"] for o in out]).astype(np.float32)
+        rows = length_sorted_batches(texts, batch_size)
+        out = self.infer_many("encode", [{"text": text_tensor([texts[r] for r in b])} for b in rows],
+                              ["sentence_embedding"], max_in_flight, progress, "encode")
+        return unsort(rows, [o["sentence_embedding"] for o in out]).astype(np.float32)
 
     def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None, batch_size: int = 16,
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
@@ -209,9 +220,12 @@ class TritonClient:
             return self.decode(self.encode(texts, batch_size, max_in_flight, progress), beam_size=beam_size,
                                batch_size=batch_size, max_in_flight=max_in_flight, progress=progress, mode="client",
                                **decode_kw)
-        batches = [{"text": text_tensor(texts[i:i + batch_size])} for i in range(0, len(texts), batch_size)]
-        out = self.infer_many("roundtrip", batches, ["decoded_text"], max_in_flight, progress, "roundtrip")
-        return [t.decode("utf-8") for o in out for t in o["decoded_text"].reshape(-1)]
+        if not len(texts):
+            return []
+        rows = length_sorted_batches(texts, batch_size)  # similar lengths per request: less padding, and beams
+        out = self.infer_many("roundtrip", [{"text": text_tensor([texts[r] for r in b])} for b in rows],  # of one
+                              ["decoded_text"], max_in_flight, progress, "roundtrip")  # request end together
+        return [t.decode("utf-8") for t in unsort(rows, [o["decoded_text"].reshape(-1) for o in out])]
 
     def close(self) -> None:
         self.client.close()
