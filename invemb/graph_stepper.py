@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from invemb.embedder import EmbedderBase
 from invemb.generation import Candidates, reorder_rows
 from invemb.manifest import cache_plan
 
@@ -77,3 +78,30 @@ class GraphStepper:
 
 
 ITEM = "_item"  # cache entry (never fed to a graph): the batch item of each cache row
+
+
+class GraphEmbedder(EmbedderBase):
+    """The shared encode/decode surface (invemb.embedder.EmbedderBase: n-best decoding, round-trip re-ranking,
+    detokenization) over exported graphs run by any runner, e.g. inside the Triton `beam_search` model (its own
+    ORT sessions, or BLS calls to the `encoder` / decoder models). `run` must also run the `encoder` graph
+    (input_ids/attention_mask [b,T] int64 -> sentence_embedding [b,S]) for encode/re-ranking."""
+
+    def __init__(self, run: Runner, manifest: dict, tokenizer, candidates: bool = True):
+        self.run, self.manifest, self.tokenizer, self.candidates = run, manifest, tokenizer, candidates
+        self.sentence_dim, self.max_length = int(manifest["sentence_dim"]), int(manifest["max_length"])
+        ids = manifest["special_ids"]
+        self.bos_id, self.eos_id, self.pad_id = int(ids["bos"]), int(ids["eos"]), int(ids["pad"])
+        self.one_pass = False
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        from invemb.text import tokenize_texts
+        feeds = tokenize_texts(self.tokenizer, texts, self.max_length, return_tensors="np")
+        feeds = {k: np.asarray(feeds[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
+        return self.run("encoder", feeds, ["sentence_embedding"])["sentence_embedding"]  # [b,S]
+
+    def _stepper(self, vectors: np.ndarray) -> GraphStepper:
+        return GraphStepper(self.run, self.manifest, vectors, self.candidates)
+
+    def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw):
+        from invemb.manifest import generation_config
+        return generation_config(self.manifest, beam_size, max_length, **kw)

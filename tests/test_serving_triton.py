@@ -109,8 +109,9 @@ def test_server_side_search_holds_its_own_decoder_sessions(client, reference):
     assert step_count(client, "decoder_step") == before
 
 
-def test_bls_runner_gives_the_same_texts(triton_repo, reference, tmp_path_factory):
-    """decoder_runner bls: one BLS request per step to decoder_init/decoder_step, same texts."""
+def test_bls_runner_gives_the_same_texts(triton_repo, reference, noisy, tmp_path_factory):
+    """decoder_runner bls: one BLS request per step to decoder_init/decoder_step (and to the encoder to
+    re-rank), same texts."""
     repo = tmp_path_factory.mktemp("bls") / "repo"
     shutil.copytree(triton_repo[0], repo)
     cfg = repo / "beam_search" / "config.pbtxt"
@@ -121,6 +122,26 @@ def test_bls_runner_gives_the_same_texts(triton_repo, reference, tmp_path_factor
         before = step_count(c, "decoder_step")
         assert c.decode(reference["vectors"][:8], beam_size=4, batch_size=4) == reference["texts"][:8]
         assert step_count(c, "decoder_step") > before
+        assert c.decode(noisy[0][:8], beam_size=4, batch_size=4, rerank=True) == noisy[1][:8]
+
+
+@pytest.fixture(scope="session")
+def noisy(reference, toy_model):
+    """Vectors off the memorised points (noise 0.6 x RMS): the beam's best is often not the closest candidate, so
+    re-ranking changes texts (asserted: otherwise the re-ranking tests would compare nothing)."""
+    from invemb.losses import add_vector_noise
+    v = np.asarray(add_vector_noise(reference["vectors"][:16], 0.6, seed=0), dtype=np.float32)
+    want = toy_model.decode(v, beam_size=4, rerank=True)
+    assert want != toy_model.decode(v, beam_size=4)
+    return v, want
+
+
+def test_rerank_on_the_server_and_in_the_client_equals_in_process(client, noisy, triton_repo):
+    manifest, tokenizer = load_export(triton_repo[1])
+    v, want = noisy
+    assert client.decode(v, beam_size=4, batch_size=5, rerank=True) == want  # beam_search re-encodes them
+    assert client.decode(v, beam_size=4, batch_size=5, rerank=True, mode="client", manifest=manifest,
+                         tokenizer=tokenizer) == want  # the search here, the encoder model on the server
 
 
 @pytest.mark.parametrize("beam_size,max_length", [(1, None), (3, 6)])

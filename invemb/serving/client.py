@@ -33,7 +33,7 @@ RETRYABLE = ("UNAVAILABLE",)
 # (status, message part): a model process crashed (until the server notices) / the model is being reloaded
 RELOADING = (("INTERNAL", "is not healthy"), ("NOT_FOUND", "has no available versions"))
 NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
-                np.dtype(np.object_): "BYTES"}
+                np.dtype(np.object_): "BYTES", np.dtype(np.bool_): "BOOL"}
 
 
 class ClientError(InvembError):
@@ -174,30 +174,35 @@ class TritonClient:
 
     def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None, batch_size: int = 16,
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
-               manifest: dict | None = None, tokenizer=None) -> list[str]:
+               manifest: dict | None = None, tokenizer=None, rerank: bool = False) -> list[str]:
         """Vectors [N,S] -> texts. mode "server": the `beam_search` model; "client": the core's beam search here
-        over decoder_init/decoder_step (needs the export's manifest and tokenizer)."""
+        over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank (server mode): the
+        beam's n-best re-ranked by re-encoding them on the server (the `rerank` input of beam_search)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ClientError(f"vectors must have shape [N, S] with N >= 1, got {list(vectors.shape)}")
         chunks = [vectors[i:i + batch_size] for i in range(0, len(vectors), batch_size)]
         if mode == "client":
-            return self._decode_client(chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer)
+            return self._decode_client(chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
+                                       rerank)
         if mode != "server":
             raise ClientError(f"mode must be 'server' or 'client', got {mode!r}")
         requests = []
         for c in chunks:
-            feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32)}
+            feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32),
+                     "rerank": np.full((len(c), 1), bool(rerank))}
             if max_length is not None:
                 feeds["max_length"] = np.full((len(c), 1), max_length, np.int32)
             requests.append(feeds)
         out = self.infer_many("beam_search", requests, ["text"], max_in_flight, progress, "decode")
         return [t.decode("utf-8") for o in out for t in o["text"].reshape(-1)]
 
-    def _decode_client(self, chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer):
+    def _decode_client(self, chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
+                       rerank=False):
         from tqdm.auto import tqdm
 
         from invemb.generation import generate
+        from invemb.graph_stepper import GraphEmbedder
         from invemb.manifest import check_vectors, generation_config
         from invemb.text import detokenize_ids
         if manifest is None or tokenizer is None:
@@ -205,7 +210,10 @@ class TritonClient:
         cfg = generation_config(manifest, beam_size, max_length)
 
         def one(chunk: np.ndarray) -> list[list[int]]:
-            return [h.tokens for h in generate(grpc_stepper(self, manifest, check_vectors(manifest, chunk)), cfg)]
+            chunk = check_vectors(manifest, chunk)
+            if rerank and beam_size > 1:  # the search here, candidates re-encoded by the server's encoder model
+                return GraphEmbedder(self.run_graph, manifest, tokenizer).rerank_ids(chunk, beam_size, max_length)
+            return [h.tokens for h in generate(grpc_stepper(self, manifest, chunk), cfg)]
 
         with ThreadPoolExecutor(max(1, max_in_flight)) as pool:
             ids = [t for part in tqdm(pool.map(one, chunks), total=len(chunks), disable=not progress,
@@ -279,6 +287,10 @@ def main(argv=None) -> int:
         p.add_argument("--export", default=None, help="export folder (manifest.json + tokenizer/), for --mode client")
         p.add_argument("--beam-size", type=int, default=4)
         p.add_argument("--max-length", type=int, default=None)
+        if name == "decode":
+            dec_parser = p
+    dec_parser.add_argument("--rerank", action="store_true",
+                            help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
     args = ap.parse_args(argv)
     from invemb.data import read_texts
     from invemb.limits import MAX_BATCH_SIZE, MAX_BEAM_SIZE, check_range
@@ -309,7 +321,8 @@ def main(argv=None) -> int:
             except (OSError, ValueError, EOFError) as e:
                 raise ClientError(f"cannot read {args.input} as a .npy array: {e}") from None
             _write_lines(client.decode(vectors, args.beam_size, args.max_length, args.batch_size, mode=args.mode,
-                                       manifest=manifest, tokenizer=tokenizer, **common), args.out)
+                                       manifest=manifest, tokenizer=tokenizer, rerank=args.rerank, **common),
+                         args.out)
         else:
             texts = read_texts(args.input)
             if args.mode == "server" and (args.beam_size != 4 or args.max_length):

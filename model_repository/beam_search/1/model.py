@@ -7,8 +7,11 @@ start/step run the `decoder_init` / `decoder_step` graphs, then the core's detok
       Triton serves as the decoder_init / decoder_step models), so the KV cache and the [N, V] log-probs of every
       step never leave the process (no per-step round trip through the server);
   bls - one `pb_utils.InferenceRequest(...).exec()` per step to the decoder models (what a deployment wants when
-      those models run elsewhere, e.g. on a GPU instance group, while the search runs on CPU). Optional inputs `beam_size` and `max_length` (int32,
-one value per request; defaults: parameter `default_beam_size`, the manifest's generation max length).
+      those models run elsewhere, e.g. on a GPU instance group, while the search runs on CPU).
+Optional inputs, one value per request: `beam_size` and `max_length` (int32; defaults: parameter `default_beam_size`,
+the manifest's generation max length) and `rerank` (bool; default: parameter `default_rerank`): re-rank the beam's
+n-best by re-encoding each candidate with the `encoder` graph and keeping the one closest to the vector (the core's
+EmbedderBase.roundtrip_choice, through invemb.graph_stepper.GraphEmbedder).
 Requests the dynamic batcher hands over together with the same settings share one search.
 Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
 """
@@ -41,16 +44,19 @@ def session_runner(repository: Path, threads: int):
     """Runner for GraphStepper: ONNX Runtime sessions of the decoder graphs placed in the repository
     (<repository>/<graph>/<newest version>/model.onnx), held by this model instance."""
     from invemb.ort import make_session
-    sessions = {}
-    for graph in ("decoder_init", "decoder_step"):
+
+    def load(graph: str):
         versions = sorted((int(p.name) for p in (repository / graph).iterdir() if p.name.isdigit()
                            and (p / "model.onnx").is_file()), reverse=True) if (repository / graph).is_dir() else []
         if not versions:
             raise RuntimeError(f"decoder_runner onnxruntime: no {repository / graph}/<version>/model.onnx "
                                "(export/to_onnx.py --triton-repo places it)")
-        sessions[graph] = make_session(repository / graph / str(versions[0]) / "model.onnx", threads)
+        return make_session(repository / graph / str(versions[0]) / "model.onnx", threads)
+    sessions = {graph: load(graph) for graph in ("decoder_init", "decoder_step")}
 
     def run(graph: str, feeds: dict, output_names: list) -> dict:
+        if graph not in sessions:  # the encoder: loaded on the first re-ranking request
+            sessions[graph] = load(graph)
         return dict(zip(output_names, sessions[graph].run(list(output_names), feeds)))
     return run
 
@@ -62,6 +68,7 @@ class TritonPythonModel:
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
         self.default_beam = int(model_param(config, "default_beam_size", 4))
         self.max_beam = int(model_param(config, "max_beam_size", 8))
+        self.default_rerank = model_param(config, "default_rerank", "false").lower() in ("1", "true", "yes")
         self.runner_kind = model_param(config, "decoder_runner", "onnxruntime")
         if self.runner_kind == "onnxruntime":
             threads = int(model_param(config, "intra_op_thread_count", 1))
@@ -71,8 +78,8 @@ class TritonPythonModel:
         else:
             raise ValueError(f"parameter decoder_runner must be onnxruntime or bls, got {self.runner_kind!r}")
 
-    def _settings(self, request) -> tuple[np.ndarray, int, int | None]:
-        """Validated (vectors [B,S], beam_size, max_length) of one request; InvembError when bad."""
+    def _settings(self, request) -> tuple[np.ndarray, int, int | None, bool]:
+        """Validated (vectors [B,S], beam_size, max_length, rerank) of one request; InvembError when bad."""
         from invemb.errors import InvembError
         from invemb.manifest import check_vectors, generation_config
         vectors = check_vectors(self.manifest, pb_utils.get_input_tensor_by_name(request, "sentence_embedding")
@@ -93,30 +100,36 @@ class TritonPythonModel:
             raise InvembError(f"beam_size must be in [1, {self.max_beam}], got {beam}")
         max_length = scalar("max_length")
         generation_config(self.manifest, beam, max_length)  # validates max_length
-        return vectors, beam, max_length
+        rerank = scalar("rerank")
+        return vectors, beam, max_length, self.default_rerank if rerank is None else bool(rerank)
 
     def execute(self, requests):
         from invemb.errors import InvembError
         from invemb.generation import generate
-        from invemb.graph_stepper import GraphStepper
+        from invemb.graph_stepper import GraphEmbedder, GraphStepper
         from invemb.manifest import generation_config
         from invemb.text import detokenize_ids
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         for r, request in enumerate(requests):
             try:
-                vectors, beam, max_length = self._settings(request)
-                groups.setdefault((beam, max_length), []).append((r, vectors))
+                vectors, beam, max_length, rerank = self._settings(request)
+                groups.setdefault((beam, max_length, rerank and beam > 1), []).append((r, vectors))
             except InvembError as e:
                 responses[r] = pb_utils.InferenceResponse(error=invalid_arg(f"beam_search: {e}"))
             except Exception as e:  # noqa: BLE001
                 responses[r] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"beam_search: {type(e).__name__}: {str(e)[:300]}"))
-        for (beam, max_length), members in groups.items():
+        for (beam, max_length, rerank), members in groups.items():
             try:
                 vectors = np.concatenate([v for _, v in members])  # [sum B, S]
-                hyps = generate(GraphStepper(self.run_graph, self.manifest, vectors),
-                                generation_config(self.manifest, beam, max_length))
+                if rerank:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
+                    emb = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
+                    nbest = emb.decode_nbest(vectors, beam, max_length)
+                    hyps = [h[i] for h, i in zip(nbest, emb.roundtrip_choice(vectors, nbest))]
+                else:
+                    hyps = generate(GraphStepper(self.run_graph, self.manifest, vectors),
+                                    generation_config(self.manifest, beam, max_length))
                 texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
                 start = 0
                 for r, v in members:
