@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from invemb.errors import InvembError
 from invemb.paths import checkout_root
+from invemb.util import cpu_name
 
 REPO = checkout_root()
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     val = [r.text for r in split.val][:args.val_limit or None]
     newest = [r.text for r in newest_records(records, 30)]
     res: dict = {"command": "python scripts/fidelity.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                 "model": str(ckpt), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                 "model": str(ckpt), "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads",
                  "history": meta.get("info", {}).get("history", []), "curve": meta.get("info", {}).get("curve", [])}
     timings = {}
 
@@ -165,7 +167,7 @@ def render(res: dict, seconds: float) -> str:
     lines = ["# Fidelity of the shipped model", "",
              f"Model: `{res['model']}`; {hist.get('steps_cumulative', '?')} training steps, "
              f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch. Machine: {res['machine']} "
-             f"(2-core AMD EPYC, no GPU). Command: `{res['command']}` ({seconds / 60:.0f} min).", "",
+             f"(no GPU). Command: `{res['command']}` ({seconds / 60:.0f} min).", "",
              "References are the inputs after the tokenizer (lower-cased WordPiece text): what a perfect "
              "reconstruction reads. token_acc = generated-token positional accuracy (the report's 'token "
              f"accuracy' is teacher-forced top-1, given in the top-k table). BERTScore: {val.get('bertscore')}; "
