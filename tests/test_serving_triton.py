@@ -188,7 +188,7 @@ BAD_REQUESTS = {
     "decoder_init width": ("decoder_init", {"sentence_embedding": np.zeros((1, S + 1), np.float32)},
                            "unexpected shape"),
     "beam size": ("beam_search", {"sentence_embedding": np.zeros((1, S), np.float32),
-                                  "beam_size": np.full((1, 1), 99, np.int32)}, r"beam_size must be in \[1, 8\]"),
+                                  "beam_size": np.full((1, 1), 99, np.int32)}, r"beam_size must be in \[1, 16\]"),
     "max length": ("beam_search", {"sentence_embedding": np.zeros((1, S), np.float32),
                                    "max_length": np.full((1, 1), 500, np.int32)}, r"max_length must be in \[1, 31\]"),
     "encode batch above max": ("encode", {"text": text_tensor(["Oil prices fall"] * 65)}, "batch-size must be <= 64"),
