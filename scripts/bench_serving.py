@@ -7,7 +7,7 @@
 Workloads, each request one batch of validation headlines (or their vectors):
   encode     text -> vector: Triton `encode` ensemble vs in-process OnnxEmbedder.encode
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
-             default), the same model as 2 instances (`beam_search_x2`), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
+             default: 2 instances), the same model as 1 instance (`beam_search_x1`), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
              one-call BeamSearch-op graph: token ids, detokenized by the caller), in-process over the top-k
              graphs and in-process over full log_probs rows
   roundtrip  text -> text: Triton `roundtrip` ensemble vs in-process encode + decode
@@ -145,10 +145,10 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     cfg_file = repo / "beam_search_bls" / "config.pbtxt"
     text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_bls"')
     cfg_file.write_text(text.replace('value: { string_value: "onnxruntime" }', 'value: { string_value: "bls" }'))
-    shutil.copytree(repo / "beam_search", repo / "beam_search_x2")  # two instances: one per core of this box
-    cfg_file = repo / "beam_search_x2" / "config.pbtxt"
-    text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_x2"')
-    cfg_file.write_text(text.replace("instance_group [ { count: 1 ", "instance_group [ { count: 2 "))
+    shutil.copytree(repo / "beam_search", repo / "beam_search_x1")  # one instance (the default has 2: one per core)
+    cfg_file = repo / "beam_search_x1" / "config.pbtxt"
+    text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_x1"')
+    cfg_file.write_text(text.replace("instance_group [ { count: 2 ", "instance_group [ { count: 1 "))
     return repo, work / "onnx", desc
 
 
@@ -163,7 +163,7 @@ def write_report(report: dict, out: Path) -> None:
              f"Load average at start / end: {', '.join(f'{x:.1f}' for x in m['load_avg_start'])} / "
              f"{', '.join(f'{x:.1f}' for x in report['load_avg_end'])} (the machine is shared)  ",
              f"Model: {report['model']}  ",
-             "Triton: 1 instance per model, intra-op threads 1, models on CPU, encoder via the Python-based "
+             "Triton: 1 instance per model (beam_search: 2), intra-op threads 1, models on CPU, encoder via the Python-based "
              "onnxruntime backend; gRPC client in the benchmark process. In-process: OnnxEmbedder with "
              f"{report['ort_threads']} intra-op thread(s), a thread pool of the same concurrency. Each level: "
              f"the backends' runs interleaved, best of {report['repeats']} by throughput.", ""]
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                 ("in-process", "inprocess", lambda b: emb.encode(b), None, None)]),
             ("decode", args.decode_batch, args.decode_requests, " vectors, beam 4", [
                 ("Triton beam_search", "triton", "beam_search", vec_in, "text"),
-                ("Triton beam_search_x2", "triton", "beam_search_x2", vec_in, "text"),
+                ("Triton beam_search_x1", "triton", "beam_search_x1", vec_in, "text"),
                 ("Triton beam_search_bls", "triton", "beam_search_bls", vec_in, "text"),
                 ("Triton beam_search_op", "triton", "beam_search_op", op_in, "sequences"),
                 ("in-process full rows", "inprocess", lambda b: rows_emb.decode(vectors(b), beam_size=4), None, None),
