@@ -7,9 +7,10 @@
 Workloads, each request one batch of validation headlines (or their vectors):
   encode     text -> vector: Triton `encode` ensemble vs in-process OnnxEmbedder.encode
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
-             default: 2 instances), the same model as 1 instance (`beam_search_x1`), the same model with decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the
-             one-call BeamSearch-op graph: token ids, detokenized by the caller), in-process over the top-k
-             graphs and in-process over full log_probs rows
+             default: 2 instances), the same model as 1 instance (`beam_search_x1`), the same model with
+             decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the one-call BeamSearch-op graph:
+             token ids, detokenized by the caller), in-process over the top-k graphs and in-process over full
+             log_probs rows
   roundtrip  text -> text: Triton `roundtrip` ensemble vs in-process encode + decode
 For each workload and concurrency level: a bounded number of requests (and a time cap); throughput (texts/s) and
 p50/p99 latency; the backends' runs are interleaved and the best of --repeats is kept (the machine may be shared).
