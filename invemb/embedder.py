@@ -1,6 +1,7 @@
 """The surface every embedder shares (the torch `InvertibleEmbedder` and the ONNX Runtime `OnnxEmbedder`):
 encode texts in length-sorted batches, check vectors, the generation defaults, decode (step search or the
-one-pass cut at EOS; optionally re-ranking the beam's n-best by re-encoding them) and detokenize. A backend supplies the pieces that touch its runtime:
+one-pass cut at EOS; optionally re-ranking the beam's n-best by re-encoding them) and detokenize. A backend
+supplies the pieces that touch its runtime:
 
     _encode_batch(texts) -> float32 [b,S]        one batch of clean texts through the encoder
     _stepper(vectors [N,S]) -> Stepper            the decoder as an invemb.generation.Stepper

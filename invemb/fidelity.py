@@ -45,15 +45,8 @@ def compress(vectors: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
     raise ValueError(f"unknown compression {kind!r}")
 
 
-def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int = 1,
-                  batch_size: int = 64, decoder=None, rerank: bool = False) -> dict:
-    """exact / BLEU / generated token accuracy of decoding `vectors` (by `decoder`, default the model; rerank:
-    the beam's n-best re-ranked by re-encoding) against `texts`' references."""
-    dec = decoder or model
-    one = dec.rerank_ids if rerank else dec.decode_ids
-    ids: list[list[int]] = []
-    for i in range(0, len(vectors), batch_size):
-        ids.extend(one(vectors[i:i + batch_size], beam_size=beam_size))
+def score_ids(model, ids: list[list[int]], texts: list[str]) -> dict:
+    """exact / BLEU / generated token accuracy of generated token ids (EOS excluded) against `texts`' references."""
     hyps, refs = model.detokenize(ids), model.reference_texts(texts)
     enc = model.tokenize(texts)["input_ids"].tolist()
     special = {model.bos_id, model.eos_id, model.pad_id}
@@ -62,15 +55,20 @@ def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int =
             "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids), "hyps": hyps}
 
 
+def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int = 1,
+                  batch_size: int = 64, decoder=None) -> dict:
+    """score_ids of decoding `vectors` (by `decoder`, default the model) against `texts`' references."""
+    ids: list[list[int]] = []
+    for i in range(0, len(vectors), batch_size):
+        ids.extend((decoder or model).decode_ids(vectors[i:i + batch_size], beam_size=beam_size))
+    return score_ids(model, ids, texts)
+
+
 def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_size: int = 64) -> list[dict]:
     """Per beam size: the beam's best hypothesis vs its n-best re-ranked by re-encoding (roundtrip_choice), both
     from ONE search (the first of the n-best is what decode() returns)."""
     dec = decoder or model
     vectors = dec.encode(texts)
-    refs = model.reference_texts(texts)
-    enc = model.tokenize(texts)["input_ids"].tolist()
-    special = {model.bos_id, model.eos_id, model.pad_id}
-    ref_ids = [[t for t in row if t not in special] + [model.eos_id] for row in enc]
     rows = []
     for beam in beams:
         t0 = time.time()
@@ -81,11 +79,9 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
         picks = {"": [0] * len(nbest), " + rerank": dec.roundtrip_choice(vectors, nbest)}
         t_rerank = time.time() - t0 - t_search
         for name, pick in picks.items():
-            ids = [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)]
-            hyps = model.detokenize(ids)
-            rows.append({"decode": f"beam{beam}{name}", "n": len(texts), "exact_match": exact_match(hyps, refs),
-                         "bleu": bleu(hyps, refs),
-                         "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids),
+            r = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts)
+            r.pop("hyps")
+            rows.append({"decode": f"beam{beam}{name}", "n": len(texts), **r,
                          "seconds": round(t_search + (t_rerank if name else 0.0), 1)})
     return rows
 

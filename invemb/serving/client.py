@@ -176,8 +176,9 @@ class TritonClient:
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
                manifest: dict | None = None, tokenizer=None, rerank: bool = False) -> list[str]:
         """Vectors [N,S] -> texts. mode "server": the `beam_search` model; "client": the core's beam search here
-        over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank (server mode): the
-        beam's n-best re-ranked by re-encoding them on the server (the `rerank` input of beam_search)."""
+        over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank: the beam's n-best
+        re-ranked by re-encoding them (server mode: the `rerank` input of beam_search; client mode: the search
+        here, the candidates encoded by the server's `encoder` model)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ClientError(f"vectors must have shape [N, S] with N >= 1, got {list(vectors.shape)}")
@@ -288,9 +289,8 @@ def main(argv=None) -> int:
         p.add_argument("--beam-size", type=int, default=4)
         p.add_argument("--max-length", type=int, default=None)
         if name == "decode":
-            dec_parser = p
-    dec_parser.add_argument("--rerank", action="store_true",
-                            help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
+            p.add_argument("--rerank", action="store_true",
+                           help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
     args = ap.parse_args(argv)
     from invemb.data import read_texts
     from invemb.limits import MAX_BATCH_SIZE, MAX_BEAM_SIZE, check_range
