@@ -186,6 +186,29 @@ def word_crops(texts: Sequence[str], per_text: int, seed: int = 0, min_words: in
     return out
 
 
+def word_splices(texts: Sequence[str], per_text: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
+    """Training-data augmentation: `per_text` splices of each text with another random text of `texts`, the first
+    i words of this one + the last n-i words of the other (n: this text's word count, so lengths keep the data's
+    distribution; texts of one word give none), deduplicated, never a text of `texts` or `exclude`. Novel word
+    sequences that a language-model prior cannot guess at the seam: the decoder must read them from the vector.
+    "fed holds rates steady in june" + "oil falls as opec output rises" -> "fed holds rates opec output rises".
+    Seeded: same texts + seed -> same splices, in the same order."""
+    rng = random.Random(seed)
+    banned = set(texts) | set(exclude)
+    words = [t.split() for t in texts]
+    out: list[str] = []
+    for a in words:
+        n = len(a)
+        for _ in range(per_text if n > 1 and len(words) > 1 else 0):
+            b = words[rng.randrange(len(words))]
+            i = rng.randint(1, n - 1)  # words kept from this text; the rest come from the end of the other
+            splice = " ".join(a[:i] + b[-(n - i):])
+            if splice not in banned:
+                banned.add(splice)
+                out.append(splice)
+    return out
+
+
 def read_texts(path: str | os.PathLike) -> list[str]:
     """Texts for the CLI and the client: ONE row per line of the user's file, never a row lost or added.
 

@@ -92,3 +92,39 @@ def test_word_crops_are_seeded_contiguous_spans_never_a_given_text():
         assert any(f" {c} " in f" {t} " and len(words) < len(t.split()) for t in texts)  # a proper span
     assert not any(c in "oil falls" for c in crops)  # too short to crop
     assert word_crops(texts, 0) == []
+
+
+def test_word_splices_join_a_prefix_to_another_texts_suffix_never_a_given_text():
+    from invemb.data import word_splices
+    texts = ["fed holds rates steady in june", "oil falls as opec output rises", "stocks rally on trade hopes",
+             "gold"]
+    banned = "fed holds rates output rises"
+    splices = word_splices(texts, 4, seed=3, exclude=[banned])
+    assert splices == word_splices(texts, 4, seed=3, exclude=[banned])  # seeded
+    assert splices != word_splices(texts, 4, seed=4, exclude=[banned])
+    assert splices and len(set(splices)) == len(splices)
+    for s in splices:
+        assert s not in texts and s != banned
+        words = s.split()
+        # some text's first i words (i >= 1), then the last words of a text: as long as the first text when the
+        # other is long enough (the data's length distribution)
+        heads = [t.split() for t in texts if len(t.split()) > 1]
+        assert any(words[:i] == h[:i] and any(words[i:] == o[-len(words[i:]):] for o in map(str.split, texts))
+                   for h in heads for i in range(1, len(h)) if len(words) <= len(h))
+    assert not any(s.startswith("gold") for s in splices)  # one word: nothing to splice
+    assert word_splices(texts, 0) == [] and word_splices(texts[:1], 3) == []
+
+
+def test_training_augmentation_groups_cache_apart_and_never_hold_a_validation_text():
+    from invemb.config import preset
+    from invemb.training.run import augment
+    train = ["fed holds rates steady in june", "oil falls as opec output rises", "stocks rally on trade hopes"]
+    val = ["oil falls as opec output", "fed holds rates steady"]  # would be a crop / a splice of the training texts
+    cfg = preset("toy")
+    assert augment(cfg, train, train + val, False) == (train, [train + val])  # no augmentation: the data alone
+    cfg.augment_crops, cfg.augment_splices = 3, 3
+    texts, groups = augment(cfg, train, train + val, False)
+    data, crops, splices = groups
+    assert data == train + val and crops and splices
+    assert texts == train + crops + splices  # training rows: headlines, then each group's texts in cache order
+    assert not set(texts) & set(val) and not set(crops) & set(splices) and len(set(texts)) == len(texts)

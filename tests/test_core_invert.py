@@ -194,3 +194,17 @@ def test_float16_save_without_backbone_roundtrips(headlines32, tmp_path):
     v0, v1 = model.encode(headlines32[:4]), loaded.encode(headlines32[:4])
     np.testing.assert_allclose(v0, v1, atol=1e-5)
     assert model.decode(v0, beam_size=2, max_length=6) == loaded.decode(v1, beam_size=2, max_length=6)
+
+
+def test_concat_cache_reads_each_group_at_its_rows_and_builds_only_new_groups(headlines32, tmp_path):
+    from invemb.training.features import ConcatCache, FeatureCache
+    model, _ = _toy()
+    a, b = headlines32[:9], headlines32[9:14]
+    whole = FeatureCache.open_or_build(tmp_path / "one", model.encoder, model.tokenizer, a + b, "toy", 32)
+    first = ConcatCache.open_or_build(tmp_path, model.encoder, model.tokenizer, [a], "toy", 32)
+    cat = ConcatCache.open_or_build(tmp_path, model.encoder, model.tokenizer, [a, [], b], "toy", 32)
+    assert cat.parts[0].folder == first.parts[0].folder and len(cat.parts) == 2  # group a reused, [] skipped
+    assert len(cat) == 14 and cat.lengths().tolist() == whole.lengths().tolist()
+    rows = [12, 0, 9, 8, 13, 3]  # across both groups, unsorted
+    t = int(whole.lengths()[rows].max())
+    assert torch.equal(cat.states(rows, t), whole.states(rows, t))

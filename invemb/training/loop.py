@@ -63,11 +63,11 @@ def _seed(*parts: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, args, out: Path, ds_config: dict | None, train: list[str], val: list[str],
-                 paraphrases: dict[str, list[str]] | None, resume, vocab_ids=None, cache_texts=None):
+                 paraphrases: dict[str, list[str]] | None, resume, vocab_ids=None, cache_groups=None):
         self.cfg, self.args, self.out, self.ds_config = cfg, args, out, ds_config
         self.train_texts, self.val_texts, self.paraphrases, self.resume = train, val, paraphrases, resume
         self.vocab_ids = vocab_ids  # compact output vocabulary (tokenizer ids) of a fresh model, or None
-        self.cache_texts = cache_texts or train + val  # the texts the feature cache holds
+        self.cache_groups = cache_groups or [train + val]  # the feature cache's groups of texts (cached apart)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -107,7 +107,7 @@ class Trainer:
         enc = model.tokenize(self.val_texts)
         self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
         if self.features is not None:  # each row's row in the cache
-            index = {t: i for i, t in enumerate(self.cache_texts)}
+            index = {t: i for i, t in enumerate(t for g in self.cache_groups for t in g)}
             self.train_cache_rows = [index[t] for t in self.train_texts]
             self.val_cache_rows = [index[t] for t in self.val_texts]
         self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
@@ -150,16 +150,16 @@ class Trainer:
                 "cpu_total_s": self.prior_cpu + time.process_time() - self.cpu_start}
 
     def _feature_cache(self, model):
-        """Open (rank 0 builds it first if missing) the frozen backbone's token-state cache of self.cache_texts."""
-        from invemb.training.features import FeatureCache
+        """Open (rank 0 builds them first if missing) the frozen backbone's token-state caches of self.cache_groups."""
+        from invemb.training.features import ConcatCache
         enc = self.cfg.model.encoder
-        args = (resolve_path(self.cfg.feature_cache), model.encoder, model.tokenizer, self.cache_texts,
+        args = (resolve_path(self.cfg.feature_cache), model.encoder, model.tokenizer, self.cache_groups,
                 enc.model_name, enc.max_length)
         if self.main:
-            cache = FeatureCache.open_or_build(*args)
+            cache = ConcatCache.open_or_build(*args)
         if self.ds_config is not None and self.world > 1:
             torch.distributed.barrier()
-        return cache if self.main else FeatureCache.open_or_build(*args)
+        return cache if self.main else ConcatCache.open_or_build(*args)
 
     def _lr_at(self, step: int) -> float:
         """The cosine schedule: linear warm-up over warmup_steps, then cosine from lr to min_lr at self.total."""

@@ -124,6 +124,23 @@ def prepare_model_config(cfg: TrainConfig, train: list[str]):
     return ids
 
 
+def augment(cfg: TrainConfig, train: list[str], data: list[str], log: bool) -> tuple[list[str], list[list[str]]]:
+    """The training texts with the recipe's augmentations (word-span crops, splices of two headlines; made from
+    training headlines only, never equal to a validation/held-out text), and the feature cache's groups: the
+    whole data set, then each augmentation's texts (cached apart, so adding one never rebuilds the others)."""
+    from invemb.data import word_crops, word_splices
+    groups, seen = [data], list(data)
+    if cfg.augment_crops:
+        groups.append(word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=data))
+    if cfg.augment_splices:
+        groups.append(word_splices(train, cfg.augment_splices, cfg.seed, exclude=[t for g in groups for t in g]))
+    extra = [t for g in groups[1:] for t in g]
+    if log and extra:
+        print(f"augmentation: {' + '.join(str(len(g)) for g in groups[1:])} texts from {len(train)} training "
+              f"headlines (crops {cfg.augment_crops}, splices {cfg.augment_splices} per headline)", flush=True)
+    return train + extra, groups
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = os.environ
@@ -162,13 +179,7 @@ def main(argv=None) -> int:
             if not any(t in paraphrases for t in train):
                 raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
         vocab_ids = prepare_model_config(cfg, train)
-        cache_texts = [r.text for r in split.train + split.val]  # the feature cache holds the whole data set
-        if cfg.augment_crops:  # word-span crops of the training headlines (never a validation/held-out text)
-            from invemb.data import word_crops
-            crops = word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=cache_texts)
-            if rank == 0:
-                print(f"augment_crops: {len(crops)} crops of {len(train)} training headlines", flush=True)
-            train, cache_texts = train + crops, cache_texts + crops
+        train, cache_groups = augment(cfg, train, [r.text for r in split.train + split.val], rank == 0)
         stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
         resume = check_resume(out, args.resume, cfg, world, stage)
     except InvembError as e:
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     from invemb.training.loop import Trainer
-    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_texts).run()
+    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_groups).run()
     return 0
 
 
