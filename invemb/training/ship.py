@@ -184,10 +184,12 @@ def write_card(folder: Path) -> Path:
         f"{recipe.get('lr')}, cosine, sampled softmax {recipe.get('sampled_softmax')} negatives"
         + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
            if recipe.get("augment_crops") else "")
+        + (f", {recipe['augment_splices']} splices of every training headline with another (its first words + the "
+           "other's last words) as extra training texts" if recipe.get("augment_splices") else "")
         + (f", word dropout {recipe['word_dropout']} on decoder inputs" if recipe.get("word_dropout") else "")
         + (f", vector noise {recipe['noise_sigma']} x RMS" if recipe.get("noise_sigma") else "")
         + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
-        + "). Epochs count the training texts of the run (headlines + crops).",
+        + "). Epochs count the training texts of the run (headlines + crops + splices).",
         f"- Machine: {info.get('machine', '?')}.", "",
         "| date | run | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- |"]
