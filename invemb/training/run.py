@@ -129,7 +129,7 @@ def augment(cfg: TrainConfig, train: list[str], data: list[str], log: bool) -> t
     training headlines only, never equal to a validation/held-out text), and the feature cache's groups: the
     whole data set, then each augmentation's texts (cached apart, so adding one never rebuilds the others)."""
     from invemb.data import word_crops, word_splices
-    groups, seen = [data], list(data)
+    groups = [data]
     if cfg.augment_crops:
         groups.append(word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=data))
     if cfg.augment_splices:
