@@ -30,6 +30,21 @@ def test_cached_features_train_like_the_live_backbone(data, tmp_path):
     assert b["val_loss"] == pytest.approx(a["val_loss"], abs=2e-2)  # float16 cache: not bit-identical
 
 
+def test_augmentations_train_from_caches_built_once_per_group(data, tmp_path):
+    cache = tmp_path / "cache"
+    base = ["--config", TOY, "--data", data, *FAST, *FROZEN, f"feature_cache={cache}", "augment_crops=1"]
+    p = launch([*base, "--out", tmp_path / "crops"])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    first = {f.name: (f / "states.f16").stat().st_mtime_ns for f in cache.iterdir()}
+    assert len(first) == 2  # the data set, its crops
+    p = launch([*base, "augment_splices=2", "--out", tmp_path / "splices"])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "augmentation: " in p.stdout and "splices 2 per headline" in p.stdout
+    after = {f.name: (f / "states.f16").stat().st_mtime_ns for f in cache.iterdir()}
+    assert len(after) == 3 and all(after[k] == v for k, v in first.items())  # only the splices were built
+    assert records(tmp_path / "splices", "val")[-1]["step"] == 6
+
+
 @pytest.mark.slow
 def test_cached_recipe_under_deepspeed_zero2(data, tmp_path):
     from invemb.model import InvertibleEmbedder
