@@ -56,11 +56,15 @@ class FeatureCache:
 
     def states(self, rows: Sequence[int], length: int) -> torch.Tensor:
         out = np.zeros((len(rows), length, self.hidden), dtype=np.float32)  # [B,T,H]
-        for b, r in enumerate(rows):
-            lo, hi = int(self.offsets[r]), int(self.offsets[r + 1])
-            n = min(hi - lo, length)
-            out[b, :n] = self.flat[lo:lo + n]
+        self.fill(out, range(len(rows)), rows)
         return torch.from_numpy(out)
+
+    def fill(self, out: np.ndarray, at: Sequence[int], rows: Sequence[int]) -> None:
+        """out[at[i], :n] = the states of row rows[i] (n = its tokens, at most out's length); the rest untouched."""
+        for b, r in zip(at, rows):
+            lo, hi = int(self.offsets[r]), int(self.offsets[r + 1])
+            n = min(hi - lo, out.shape[1])
+            out[b, :n] = self.flat[lo:lo + n]
 
     @classmethod
     def open_or_build(cls, root: Path, encoder, tokenizer, texts: Sequence[str], model_name: str,
@@ -126,13 +130,13 @@ class ConcatCache:
         return np.concatenate([p.lengths() for p in self.parts])
 
     def states(self, rows: Sequence[int], length: int) -> torch.Tensor:
-        out = torch.zeros((len(rows), length, self.hidden))  # [B,T,H]
+        out = np.zeros((len(rows), length, self.hidden), dtype=np.float32)  # [B,T,H]
         rows = np.asarray(rows, dtype=np.int64)
         group = np.searchsorted(self.starts, rows, side="right") - 1  # [B]
-        for g in np.unique(group):
+        for g in np.unique(group):  # each group writes its rows in place: one buffer per batch
             at = np.nonzero(group == g)[0]
-            out[torch.from_numpy(at)] = self.parts[g].states(rows[at] - self.starts[g], length)
-        return out
+            self.parts[g].fill(out, at, rows[at] - self.starts[g])
+        return torch.from_numpy(out)
 
     @classmethod
     def open_or_build(cls, root: Path, encoder, tokenizer, groups: Sequence[Sequence[str]], model_name: str,
