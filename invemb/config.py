@@ -129,6 +129,7 @@ class TrainConfig:
     augment_crops: int = 0  # word-span crops of each training headline added as training texts (invemb.data)
     crop_min_words: int = 3  # shortest crop, in words
     augment_splices: int = 0  # splices of each training headline with another (first words + another's last words)
+    splice_rounds: int = 1  # independent draws of augment_splices per headline (round r: seed + r), cached apart
     cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -154,8 +155,8 @@ class TrainConfig:
             raise InvembError(f"lr_schedule must be plateau or cosine, got {cfg.lr_schedule!r}")
         if not 0.0 <= cfg.word_dropout < 1.0:
             raise InvembError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
-        if cfg.augment_crops < 0 or cfg.crop_min_words < 1 or cfg.augment_splices < 0:
-            raise InvembError("augment_crops and augment_splices must be >= 0, crop_min_words >= 1")
+        if cfg.augment_crops < 0 or cfg.crop_min_words < 1 or cfg.augment_splices < 0 or cfg.splice_rounds < 1:
+            raise InvembError("augment_crops and augment_splices must be >= 0, crop_min_words and splice_rounds >= 1")
         if cfg.feature_cache and not cfg.model.encoder.freeze_backbone:
             raise InvembError("feature_cache needs model.encoder.freeze_backbone: true (a trained backbone changes)")
         return cfg

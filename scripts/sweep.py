@@ -46,6 +46,9 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
     # round 4 (continuing the 32,200-step shipped model: crops 4 + noise 0.1; train loss 0.08 vs val 1.125)
     "r4-base": [],
     "splices4": ["augment_splices=4"],
+    # round 5 (continuing the 44,450-step shipped model: + splices 4; train loss 0.17 vs val 0.82, data-limited)
+    "r5-base": [],
+    "splice-rounds2": ["splice_rounds=2"],
 }
 
 

@@ -128,3 +128,21 @@ def test_training_augmentation_groups_cache_apart_and_never_hold_a_validation_te
     assert data == train + val and crops and splices
     assert texts == train + crops + splices  # training rows: headlines, then each group's texts in cache order
     assert not set(texts) & set(val) and not set(crops) & set(splices) and len(set(texts)) == len(texts)
+
+
+def test_splice_rounds_add_fresh_draws_and_keep_round_zero():
+    from invemb.config import preset
+    from invemb.training.run import augment
+    train = ["fed holds rates steady in june", "oil falls as opec output rises", "stocks rally on trade hopes",
+             "gold climbs as dollar slips", "bank shares slide after earnings miss"]
+    cfg = preset("toy")
+    cfg.augment_crops, cfg.augment_splices = 1, 3
+    _, one = augment(cfg, train, train, False)
+    cfg.splice_rounds = 2
+    texts, two = augment(cfg, train, train, False)
+    assert len(two) == 4 and two[:3] == one  # round 0 (and so its cache) is unchanged by adding a round
+    assert two[3] and not set(two[3]) & set(t for g in two[:3] for t in g)  # round 1: new texts only
+    assert texts == train + [t for g in two[1:] for t in g] and len(set(texts)) == len(texts)
+    cfg.splice_rounds = 0
+    with pytest.raises(InvembError, match="splice_rounds"):
+        type(cfg).from_dict(cfg.to_dict())

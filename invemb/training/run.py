@@ -132,12 +132,15 @@ def augment(cfg: TrainConfig, train: list[str], data: list[str], log: bool) -> t
     groups = [data]
     if cfg.augment_crops:
         groups.append(word_crops(train, cfg.augment_crops, cfg.seed, cfg.crop_min_words, exclude=data))
-    if cfg.augment_splices:
-        groups.append(word_splices(train, cfg.augment_splices, cfg.seed, exclude=[t for g in groups for t in g]))
+    # Each splice round is a fresh draw (seed + r) excluding everything before it, so round 0 is the same texts
+    # (and the same cache) whatever the number of rounds: adding a round only builds that round's cache.
+    for r in range(cfg.splice_rounds if cfg.augment_splices else 0):
+        groups.append(word_splices(train, cfg.augment_splices, cfg.seed + r, exclude=[t for g in groups for t in g]))
     extra = [t for g in groups[1:] for t in g]
     if log and extra:
+        rounds = f" x {cfg.splice_rounds} rounds" if cfg.augment_splices and cfg.splice_rounds > 1 else ""
         print(f"augmentation: {' + '.join(str(len(g)) for g in groups[1:])} texts from {len(train)} training "
-              f"headlines (crops {cfg.augment_crops}, splices {cfg.augment_splices} per headline)", flush=True)
+              f"headlines (crops {cfg.augment_crops}, splices {cfg.augment_splices} per headline{rounds})", flush=True)
     return train + extra, groups
 
 

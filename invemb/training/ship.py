@@ -185,7 +185,9 @@ def write_card(folder: Path) -> Path:
         + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
            if recipe.get("augment_crops") else "")
         + (f", {recipe['augment_splices']} splices of every training headline with another (its first words + the "
-           "other's last words) as extra training texts" if recipe.get("augment_splices") else "")
+           "other's last words) as extra training texts"
+           + (f", drawn in {recipe['splice_rounds']} independent rounds" if recipe.get("splice_rounds", 1) > 1 else "")
+           if recipe.get("augment_splices") else "")
         + (f", word dropout {recipe['word_dropout']} on decoder inputs" if recipe.get("word_dropout") else "")
         + (f", vector noise {recipe['noise_sigma']} x RMS" if recipe.get("noise_sigma") else "")
         + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
