@@ -154,3 +154,8 @@ def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path)
         cpu = [h["cpu_hours_cumulative"] for h in info["history"]]
         assert cpu[1] == pytest.approx(cpu[0] + info["history"][1]["cpu_hours"], abs=2e-3)
     assert info["history"][1]["metrics"] == {"bleu": 1.0}
+    from invemb.util import cpu_name
+    assert all(h["machine"].startswith(cpu_name()) for h in info["history"])  # each run names its own CPU
+    from invemb.training.ship import write_card
+    card = write_card(shipped).read_text()
+    assert card.count(f"| {cpu_name()}, ") == 2, card  # one machine cell per lineage row

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from invemb.errors import InvembError
-from invemb.util import describe_machine
+from invemb.util import cpu_name, describe_machine
 
 MAX_BYTES = 25 * 2 ** 20
 
@@ -84,6 +85,8 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
              "steps_cumulative": base_steps + state["step"], "epochs_this_run": epochs,
              "wall_hours": round(wall_h, 3), "cpu_hours": round(cpu_h, 3),
              "cpu_hours_cumulative": round(base_cpu + cpu_h, 3), "init_from": init_from or None,
+             # each run's own CPU: a lineage spans machines (CPU hours on an AMX Xeon and an EPYC differ in worth)
+             "machine": f"{cpu_name()}, {os.cpu_count()} cores",
              "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
     if metrics:
         entry["metrics"] = card_metrics(metrics)
@@ -192,12 +195,13 @@ def write_card(folder: Path) -> Path:
         + (f", vector noise {recipe['noise_sigma']} x RMS" if recipe.get("noise_sigma") else "")
         + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
         + "). Epochs count the training texts of the run (headlines + crops + splices).",
-        f"- Machine: {info.get('machine', '?')}.", "",
-        "| date | run | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+        f"- Machines: each run's CPU is in the table (no GPU in any); shipped on {info.get('machine', '?')}.", "",
+        "| date | run | machine | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in hist:
         tf = (h.get("val_teacher_forced") or {}).get("val_top1")
-        lines.append(f"| {h['date']} | {h['run']} ({h['checkpoint']}) | {h['steps']} ({h['steps_cumulative']}) | "
+        lines.append(f"| {h['date']} | {h['run']} ({h['checkpoint']}) | {h.get('machine', '?')} | "
+                     f"{h['steps']} ({h['steps_cumulative']}) | "
                      f"{h.get('epochs_this_run')} | {h['wall_hours']} | {h['cpu_hours']} "
                      f"({h['cpu_hours_cumulative']}) | {tf if tf is None else round(tf, 4)} |")
     metrics = last.get("metrics")
