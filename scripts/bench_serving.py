@@ -5,7 +5,8 @@
     python scripts/bench_serving.py --checkpoint runs/small/final --concurrency 1,4,16
 
 Workloads, each request one batch of validation headlines (or their vectors):
-  encode     text -> vector: Triton `encode` ensemble vs in-process OnnxEmbedder.encode
+  encode     text -> vector: Triton `encode` ensemble (encoder: 2 instances), the same with a 1-instance encoder
+             (`encode_x1`) vs in-process OnnxEmbedder.encode
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
              default: 2 instances), the same model as 1 instance (`beam_search_x1`), the same model with
              decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the one-call BeamSearch-op graph:
@@ -150,6 +151,14 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     cfg_file = repo / "beam_search_x1" / "config.pbtxt"
     text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_x1"')
     cfg_file.write_text(text.replace("instance_group [ { count: 2 ", "instance_group [ { count: 1 "))
+    shutil.copytree(repo / "encoder", repo / "encoder_x1")  # the encoder as 1 instance (the default has 2)
+    cfg_file = repo / "encoder_x1" / "config.pbtxt"
+    text = cfg_file.read_text().replace('name: "encoder"', 'name: "encoder_x1"')
+    cfg_file.write_text(text.replace("instance_group [ { count: 2 ", "instance_group [ { count: 1 "))
+    shutil.copytree(repo / "encode", repo / "encode_x1")  # ... and an ensemble that uses it
+    cfg_file = repo / "encode_x1" / "config.pbtxt"
+    text = cfg_file.read_text().replace('name: "encode"', 'name: "encode_x1"')
+    cfg_file.write_text(text.replace('model_name: "encoder"', 'model_name: "encoder_x1"'))
     return repo, work / "onnx", desc
 
 
@@ -164,7 +173,7 @@ def write_report(report: dict, out: Path) -> None:
              f"Load average at start / end: {', '.join(f'{x:.1f}' for x in m['load_avg_start'])} / "
              f"{', '.join(f'{x:.1f}' for x in report['load_avg_end'])} (the machine is shared)  ",
              f"Model: {report['model']}  ",
-             "Triton: 1 instance per model (beam_search: 2), intra-op threads 1, models on CPU, encoder via the Python-based "
+             "Triton: 1 instance per model (encoder, beam_search: 2; the _x1 arms: 1), intra-op threads 1, models on CPU, encoder via the Python-based "
              "onnxruntime backend; gRPC client in the benchmark process. In-process: OnnxEmbedder with "
              f"{report['ort_threads']} intra-op thread(s), a thread pool of the same concurrency. Each level: "
              f"the backends' runs interleaved, best of {report['repeats']} by throughput.", ""]
@@ -190,7 +199,7 @@ def write_report(report: dict, out: Path) -> None:
         lines += ["Decode texts identical to in-process top-k on 32 headlines: " + ", ".join(
             f"{k}: {v}" for k, v in report["decode_texts_identical"].items()) + ".", ""]
     lines += ["Notes: the load average shows whether other jobs shared the 2 vCPUs (single numbers are noisy, hence "
-              "the interleaving). Each Triton model is one instance with one intra-op thread; the gRPC client "
+              "the interleaving). Each Triton model instance has one intra-op thread; the gRPC client "
               "runs in the benchmark process, on the same two cores. `beam_search` runs the core search with its "
               "own ONNX Runtime sessions of the decoder graphs and fetches only their top-k outputs (64 candidates "
               "per row instead of [N, V] log_probs), so neither the KV cache nor the scores leave its process; "
@@ -256,6 +265,7 @@ def main(argv=None) -> int:
         workloads = [
             ("encode", args.encode_batch, args.encode_requests, " texts", [
                 ("Triton encode", "triton", "encode", text_in, "sentence_embedding"),
+                ("Triton encode_x1", "triton", "encode_x1", text_in, "sentence_embedding"),
                 ("in-process", "inprocess", lambda b: emb.encode(b), None, None)]),
             ("decode", args.decode_batch, args.decode_requests, " vectors, beam 4", [
                 ("Triton beam_search", "triton", "beam_search", vec_in, "text"),
