@@ -112,16 +112,24 @@ def compression_study(model, texts: list[str], kinds=("fp32", "fp16", "int8", "s
 
 
 def ort_int8_study(export_dir, texts: list[str], refs: list[str], beam_size: int = 4, threads: int = 2) -> dict:
-    """fp32 vs int8 ONNX Runtime variants on the same headlines: same-text rate, exact match and BLEU of each."""
+    """fp32 vs int8 ONNX Runtime variants on the same headlines: same-text rate, exact match and BLEU of each, plus
+    "int8_encoder" (the int8 encoder graph, fp32 decoder graphs): where the int8 loss comes from, and whether
+    encoding alone (the text -> vector service) can run int8."""
     from invemb.ort import OnnxEmbedder
-    out, hyps = {}, {}
-    for variant in ("fp32", "int8"):
-        emb = OnnxEmbedder(export_dir, variant=None if variant == "fp32" else variant, threads=threads)
+    out, hyps, embs = {}, {}, {}
+    for variant in ("fp32", "int8", "int8_encoder"):
+        if variant == "int8_encoder":  # the fp32 embedder with the int8 variant's encoder session in its place
+            emb = OnnxEmbedder(export_dir, threads=threads)
+            emb.sessions["encoder"] = embs["int8"].sessions["encoder"]
+        else:
+            emb = embs[variant] = OnnxEmbedder(export_dir, variant=None if variant == "fp32" else variant,
+                                               threads=threads)
         t0 = time.time()
         hyps[variant] = emb.decode(emb.encode(texts), beam_size=beam_size)
         out[variant] = {"seconds": round(time.time() - t0, 1), "exact_match": exact_match(hyps[variant], refs),
                         "bleu": bleu(hyps[variant], refs)}
     out["same_text_rate"] = float(np.mean([a == b for a, b in zip(hyps["fp32"], hyps["int8"])]))
+    out["int8_encoder_same_text_rate"] = float(np.mean([a == b for a, b in zip(hyps["fp32"], hyps["int8_encoder"])]))
     out["n"] = len(texts)
     return out
 

@@ -203,9 +203,12 @@ def render(res: dict, seconds: float) -> str:
     if "int8" in res:
         i8 = res["int8"]
         lines += ["", f"## ONNX Runtime int8 variant vs fp32 ({i8['n']} validation headlines, beam 4)", ""]
-        lines += _table([{"variant": v, **i8[v]} for v in ("fp32", "int8")],
+        lines += _table([{"variant": v, **i8[v]} for v in ("fp32", "int8", "int8_encoder") if v in i8],
                         ["variant", "exact_match", "bleu", "seconds"])
         lines += ["", f"Same text from both: {i8['same_text_rate']:.4f}."]
+        if "int8_encoder" in i8:
+            lines += [f"int8_encoder = the int8 encoder graph with the fp32 decoder graphs (is the loss the "
+                      f"encoder's or the decoder's?); same text as fp32: {i8['int8_encoder_same_text_rate']:.4f}."]
     if res["curve"]:
         lines += ["", "## Learning curve (validation subset of 512, teacher-forced; greedy on 128 where logged)",
                   ""]
