@@ -115,15 +115,14 @@ def ort_int8_study(export_dir, texts: list[str], refs: list[str], beam_size: int
     """fp32 vs int8 ONNX Runtime variants on the same headlines: same-text rate, exact match and BLEU of each, plus
     "int8_encoder" (the int8 encoder graph, fp32 decoder graphs): where the int8 loss comes from, and whether
     encoding alone (the text -> vector service) can run int8."""
+    import copy
     from invemb.ort import OnnxEmbedder
-    out, hyps, embs = {}, {}, {}
-    for variant in ("fp32", "int8", "int8_encoder"):
-        if variant == "int8_encoder":  # the fp32 embedder with the int8 variant's encoder session in its place
-            emb = OnnxEmbedder(export_dir, threads=threads)
-            emb.sessions["encoder"] = embs["int8"].sessions["encoder"]
-        else:
-            emb = embs[variant] = OnnxEmbedder(export_dir, variant=None if variant == "fp32" else variant,
-                                               threads=threads)
+    embs = {"fp32": OnnxEmbedder(export_dir, threads=threads),
+            "int8": OnnxEmbedder(export_dir, variant="int8", threads=threads)}
+    embs["int8_encoder"] = mixed = copy.copy(embs["fp32"])  # fp32 decoder sessions, the int8 encoder session
+    mixed.sessions = {**embs["fp32"].sessions, "encoder": embs["int8"].sessions["encoder"]}
+    out, hyps = {}, {}
+    for variant, emb in embs.items():
         t0 = time.time()
         hyps[variant] = emb.decode(emb.encode(texts), beam_size=beam_size)
         out[variant] = {"seconds": round(time.time() - t0, 1), "exact_match": exact_match(hyps[variant], refs),

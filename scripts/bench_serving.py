@@ -143,23 +143,23 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     repo = to_onnx.fresh_triton_repo(work / "repo")
     with to_onnx.quiet_exporter():
         to_onnx.export_checkpoint(ckpt, work / "onnx", triton_repo=repo, one_call=True)  # + beam_search_op
-    shutil.copytree(repo / "beam_search", repo / "beam_search_bls")
-    cfg_file = repo / "beam_search_bls" / "config.pbtxt"
-    text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_bls"')
-    cfg_file.write_text(text.replace('value: { string_value: "onnxruntime" }', 'value: { string_value: "bls" }'))
-    shutil.copytree(repo / "beam_search", repo / "beam_search_x1")  # one instance (the default has 2: one per core)
-    cfg_file = repo / "beam_search_x1" / "config.pbtxt"
-    text = cfg_file.read_text().replace('name: "beam_search"', 'name: "beam_search_x1"')
-    cfg_file.write_text(text.replace("instance_group [ { count: 2 ", "instance_group [ { count: 1 "))
-    shutil.copytree(repo / "encoder", repo / "encoder_x1")  # the encoder as 1 instance (the default has 2)
-    cfg_file = repo / "encoder_x1" / "config.pbtxt"
-    text = cfg_file.read_text().replace('name: "encoder"', 'name: "encoder_x1"')
-    cfg_file.write_text(text.replace("instance_group [ { count: 2 ", "instance_group [ { count: 1 "))
-    shutil.copytree(repo / "encode", repo / "encode_x1")  # ... and an ensemble that uses it
-    cfg_file = repo / "encode_x1" / "config.pbtxt"
-    text = cfg_file.read_text().replace('name: "encode"', 'name: "encode_x1"')
-    cfg_file.write_text(text.replace('model_name: "encoder"', 'model_name: "encoder_x1"'))
+    copy_model(repo, "beam_search", "beam_search_bls",  # a BLS round trip per decode step
+               ('value: { string_value: "onnxruntime" }', 'value: { string_value: "bls" }'))
+    one_instance = ("instance_group [ { count: 2 ", "instance_group [ { count: 1 ")  # the defaults have 2
+    copy_model(repo, "beam_search", "beam_search_x1", one_instance)
+    copy_model(repo, "encoder", "encoder_x1", one_instance)
+    copy_model(repo, "encode", "encode_x1", ('model_name: "encoder"', 'model_name: "encoder_x1"'))  # uses it
     return repo, work / "onnx", desc
+
+
+def copy_model(repo: Path, src: str, dst: str, *replacements: tuple[str, str]) -> None:
+    """A benchmark arm: model `src` of the Triton repository copied as `dst`, its config renamed and edited."""
+    shutil.copytree(repo / src, repo / dst)
+    cfg_file = repo / dst / "config.pbtxt"
+    text = cfg_file.read_text().replace(f'name: "{src}"', f'name: "{dst}"')
+    for old, new in replacements:
+        text = text.replace(old, new)
+    cfg_file.write_text(text)
 
 
 def write_report(report: dict, out: Path) -> None:

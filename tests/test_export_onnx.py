@@ -244,7 +244,8 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     # the fidelity study's three arms: fp32, int8, and the int8 encoder with fp32 decoders
     from invemb.fidelity import ort_int8_study
     from invemb.ort import OnnxEmbedder
-    refs = OnnxEmbedder(d, threads=1).decode(OnnxEmbedder(d, threads=1).encode(headlines32[:12]))
+    fp32 = OnnxEmbedder(d, threads=1)
+    refs = fp32.decode(fp32.encode(headlines32[:12]))
     study = ort_int8_study(d, headlines32[:12], refs, threads=1)
     assert study["n"] == 12 and study["fp32"]["exact_match"] == 1.0  # refs are fp32's own texts
     assert study["same_text_rate"] == study["int8"]["exact_match"]
