@@ -1,6 +1,7 @@
 """Speed of the exported model on this machine, all numbers from ONE run (ratios are what to compare):
 
-  encode   sentences/s: PyTorch eager vs ONNX Runtime fp32 vs ORT int8 (fused + dynamic int8)
+  encode   sentences/s: PyTorch eager vs ONNX Runtime fp32 vs ORT int8 (fused + smoothed dynamic int8),
+           length-sorted vs unsorted batches, encoder exported by TorchScript (default) vs dynamo
   decode   headlines/s, beam search (beam 4): PyTorch (TorchStepper) vs ORT over full log_probs rows vs ORT over
            the graphs' top-k outputs (the default) vs ORT int8 (top-k) vs the one-call BeamSearch-op graph
   steps    KV-cached step decoding vs full recompute (PyTorch re-running decoder.forward on the whole prefix at
@@ -102,6 +103,12 @@ def run(args) -> dict:
             one_call = OneCallDecoder(onnx_dir, threads=args.threads)
         ort32 = OnnxEmbedder(onnx_dir, threads=args.threads)
         ort8 = OnnxEmbedder(onnx_dir, threads=args.threads, variant="int8")
+        dyn_dir = Path(tmp) / "onnx_dynamo_encoder"  # the encoder through the dynamo exporter (the other choice)
+        with to_onnx.quiet_exporter():
+            to_onnx.export_model(model, dyn_dir, encoder_exporter="dynamo")
+        optimize.make_variants(dyn_dir, ("int8",))
+        dyn32 = OnnxEmbedder(dyn_dir, threads=args.threads)
+        dyn8 = OnnxEmbedder(dyn_dir, threads=args.threads, variant="int8")
         r = args.repeats
         def unsorted(emb):  # batches in input order (each pads to a random long headline): the pre-sorting path
             def run():
@@ -112,7 +119,9 @@ def run(args) -> dict:
                "ort": best_time(lambda: ort32.encode(enc_texts, batch_size=64), r),
                "ort_int8": best_time(lambda: ort8.encode(enc_texts, batch_size=64), r),
                "torch_unsorted": best_time(unsorted(model), r), "ort_unsorted": best_time(unsorted(ort32), r),
-               "ort_int8_unsorted": best_time(unsorted(ort8), r)}
+               "ort_int8_unsorted": best_time(unsorted(ort8), r),
+               "ort_dynamo": best_time(lambda: dyn32.encode(enc_texts, batch_size=64), r),
+               "ort_int8_dynamo": best_time(lambda: dyn8.encode(enc_texts, batch_size=64), r)}
         vecs = model.encode(dec_texts)
         dr = max(1, r - 1)
         ort_rows = OnnxEmbedder(onnx_dir, threads=args.threads)
@@ -204,6 +213,11 @@ def to_markdown(res: dict) -> str:
            f"Length sorting speeds eager encoding x{e['sorting_speedup_torch']:.2f}; sorted ORT int8 vs unsorted "
            f"eager (the encode target's baseline): x{e['ort_int8_vs_unsorted_eager']:.2f}."]
           if "torch_unsorted_per_s" in e else []),
+        *(["", f"Encoder graph exported by torch's dynamo exporter instead of TorchScript (sorted): ORT fp32 "
+               f"{e['ort_dynamo_per_s']:.1f}/s, int8 {e['ort_int8_dynamo_per_s']:.1f}/s (TorchScript: "
+               f"x{e['ort_per_s'] / e['ort_dynamo_per_s']:.2f} / x{e['ort_int8_per_s'] / e['ort_int8_dynamo_per_s']:.2f})."
+               " The int8 encoder is smoothed before quantisation (invemb/export/optimize.py smooth_activations)."]
+          if "ort_dynamo_per_s" in e else []),
         "", f"## Beam-4 decode, headlines/s ({d['n']} headlines, {d['mean_generated_tokens']:.1f} generated tokens "
         "on average; interleaved rounds, best of each)", "",
         "| PyTorch (full rows) | ORT fp32, full rows | ORT fp32, top-k graphs | ORT int8, top-k | ORT one-call graph "

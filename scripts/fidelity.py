@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--study-limit", type=int, default=500, help="headlines of the noise/compression studies")
     ap.add_argument("--rerank-limit", type=int, default=0,
                     help="validation headlines of the re-ranking study (0: the whole split; -1: skip)")
-    ap.add_argument("--int8-limit", type=int, default=300, help="headlines of the ORT int8 vs fp32 check (0: skip)")
+    ap.add_argument("--int8-limit", type=int, default=1000, help="headlines of the ORT int8 vs fp32 check (0: skip)")
     ap.add_argument("--scorer", default="all-mpnet-base-v2")
     ap.add_argument("--work", default=str(REPO / "runs/fidelity"), help="export folder for the int8 check")
     ap.add_argument("--decoder", choices=("ort", "torch"), default="ort",
