@@ -115,12 +115,9 @@ def ort_int8_study(export_dir, texts: list[str], refs: list[str], beam_size: int
     """fp32 vs int8 ONNX Runtime variants on the same headlines: same-text rate, exact match and BLEU of each, plus
     "int8_encoder" (the int8 encoder graph, fp32 decoder graphs): where the int8 loss comes from, and whether
     encoding alone (the text -> vector service) can run int8."""
-    import copy
     from invemb.ort import OnnxEmbedder
-    embs = {"fp32": OnnxEmbedder(export_dir, threads=threads),
-            "int8": OnnxEmbedder(export_dir, variant="int8", threads=threads)}
-    embs["int8_encoder"] = mixed = copy.copy(embs["fp32"])  # fp32 decoder sessions, the int8 encoder session
-    mixed.sessions = {**embs["fp32"].sessions, "encoder": embs["int8"].sessions["encoder"]}
+    embs = {v: OnnxEmbedder(export_dir, variant=None if v == "fp32" else v, threads=threads)
+            for v in ("fp32", "int8", "int8_encoder")}
     out, hyps = {}, {}
     for variant, emb in embs.items():
         t0 = time.time()

@@ -231,6 +231,7 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     assert made["int8"]["files"] == {g: f"{g}.int8.onnx" for g in ("encoder", "decoder_init", "decoder_step")}
     assert made["opt"]["fused_ops"].get("SkipLayerNormalization", 0) > 0
     assert made["int8"]["smoothing"]["mul_nodes"]["encoder"] > 0  # the encoder's MatMul inputs are smoothed
+    assert made["int8_encoder"]["files"] == {"encoder": "encoder.int8.onnx"}  # + the fp32 decoders
     rows = {r["variant"]: r for r in optimize.measure(d, headlines32, ("opt", "int8"), threads=1, repeats=1)}
     assert rows["fp32"]["token_accuracy"] >= 0.5
     assert rows["opt"]["same_text_as_fp32"] == 1.0 and rows["opt"]["cosine_min"] > 0.9999

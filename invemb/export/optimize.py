@@ -10,6 +10,7 @@ Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, va
         optimised encoder and of the decoder graphs (constant Transposes of weights folded first, so the tied
         output projection is quantised too); the encoder's activation outliers are smoothed into its weights
         first (SmoothQuant, smooth_activations; --no-smooth turns it off). CPU.
+  int8_encoder (made with int8) the int8 encoder with the fp32 decoder graphs: the encode path's int8.
   fp16  fp16 weights/compute with fp32 inputs/outputs (keep_io_types), for a GPU; no speed-up on a CPU.
 The table compares each variant with fp32 on the same headlines, machine and thread count: encoder cosine,
 beam search exact match / positional token accuracy vs the tokenized inputs, texts identical to fp32, and speed.
@@ -218,6 +219,8 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
             "files": files, "device": DEVICE[v], **({"fused_ops": fused} if v in ("opt", "int8") else {}),
             **({"smoothing": {"alpha": SMOOTH_ALPHA, "mul_nodes": {k: n for k, n in smoothed.items() if n}}}
                if v == "int8" and smooth else {})}
+        if v == "int8":  # the int8 encoder with the fp32 decoders: int8 text -> vector, unchanged decoding
+            manifest["variants"]["int8_encoder"] = {"files": {"encoder": files["encoder"]}, "device": DEVICE[v]}
     if "opt" not in variants and opt_encoder.exists():
         opt_encoder.unlink()
     write_manifest(d, manifest)
