@@ -215,7 +215,8 @@ def to_markdown(res: dict) -> str:
           if "torch_unsorted_per_s" in e else []),
         *(["", f"Encoder graph exported by torch's dynamo exporter instead of TorchScript (sorted): ORT fp32 "
                f"{e['ort_dynamo_per_s']:.1f}/s, int8 {e['ort_int8_dynamo_per_s']:.1f}/s (TorchScript: "
-               f"x{e['ort_per_s'] / e['ort_dynamo_per_s']:.2f} / x{e['ort_int8_per_s'] / e['ort_int8_dynamo_per_s']:.2f})."
+               f"x{e['ort_per_s'] / e['ort_dynamo_per_s']:.2f} / "
+               f"x{e['ort_int8_per_s'] / e['ort_int8_dynamo_per_s']:.2f})."
                " The int8 encoder is smoothed before quantisation (invemb/export/optimize.py smooth_activations)."]
           if "ort_dynamo_per_s" in e else []),
         "", f"## Beam-4 decode, headlines/s ({d['n']} headlines, {d['mean_generated_tokens']:.1f} generated tokens "

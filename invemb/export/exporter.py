@@ -147,13 +147,13 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int] | None = None, vocab: 
 def _export_torchscript(module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> None:
     """The encoder through torch's TorchScript exporter with the backbone's eager attention. Measured on the shipped
     MiniLM (512 validation headlines, sorted batches of 64, 2 ORT threads, one interleaved run): x1.2 the dynamo
-    export's speed in fp32 and x1.33 in smoothed int8 (187 vs 141 headlines/s); a dynamo export with eager
-    attention gained only x1.15 in int8. The decoders stay on dynamo (x2 faster steps than TorchScript:
-    shared/notes/export-and-deepspeed.md)."""
+    export's speed in fp32 and x1.33 in smoothed int8 (187 vs 141 headlines/s); with 1 thread
+    (results/bench_export.md) x1.49 / x1.18. A dynamo export with eager attention gained only x1.15 in int8.
+    The decoders stay on dynamo (x2 faster steps than TorchScript: shared/notes/export-and-deepspeed.md)."""
     import torch
     backbone = module.encoder.backbone
     before = backbone.config._attn_implementation
-    backbone.set_attn_implementation("eager")  # sdpa's TorchScript trace adds mask plumbing the kernels pay for
+    backbone.set_attn_implementation("eager")  # the graph measured above (sdpa under TorchScript was not measured)
     try:
         torch.onnx.export(module.eval(), args, str(path), dynamo=False, input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(), opset_version=opset)
@@ -161,9 +161,8 @@ def _export_torchscript(module, args: tuple, spec: GraphSpec, path: Path, opset:
         backbone.set_attn_implementation(before)
 
 
-def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, max_length: int | None = None,
-                  exporter: str = "dynamo") -> None:
-    import torch
+def _dynamic_shapes(module, spec: GraphSpec) -> tuple:
+    """The dynamo exporter's dynamic_shapes: one torch.export.Dim per symbolic axis name, shared across inputs."""
     from torch.export import Dim
     dims: dict[str, Dim] = {}
     dyn = tuple({axis: dims.setdefault(name, Dim(name)) for axis, name in axes.items()} or None
@@ -171,6 +170,12 @@ def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, m
     params = list(inspect.signature(module.forward).parameters.values())
     if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(a, *rest): nest the rest
         dyn = dyn[:len(params) - 1] + (dyn[len(params) - 1:],)
+    return dyn
+
+
+def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, max_length: int | None = None,
+                  exporter: str = "dynamo") -> None:
+    import torch
     feeds = example_inputs(spec, vocab=vocab)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with warnings.catch_warnings(), torch.no_grad():
@@ -180,8 +185,8 @@ def _export_graph(module, spec: GraphSpec, path: Path, opset: int, vocab: int, m
             add_limits_metadata(path, vocab, max_length)
             return
         program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=spec.input_names,
-                                    output_names=spec.output_names, dynamic_shapes=dyn, opset_version=opset,
-                                    verbose=False, external_data=False)
+                                    output_names=spec.output_names, dynamic_shapes=_dynamic_shapes(module, spec),
+                                    opset_version=opset, verbose=False, external_data=False)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=size > 1.8e9)  # protobuf's 2 GB limit
     if size <= 1.8e9:
