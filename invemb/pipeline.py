@@ -14,7 +14,8 @@ By default the pipeline runs on the model shipped in models/ (no training: real 
 Stages (each logs to <out>/logs/<stage>.log and leaves <out>/<stage>.done when it finished):
   train     (--train only) `deepspeed --num_gpus 2 train/run.py --config ...` -> <out>/train/final
   evaluate  `invemb evaluate` on the validation split (greedy + beam 4, BERTScore/paraphrase cos with all-mpnet-base-v2)
-  export    `export/to_onnx.py` into <out>/onnx and a Triton model repository <out>/model_repository
+  export    `export/to_onnx.py` into <out>/onnx and a Triton model repository <out>/model_repository (the CPU
+            serving default: the static int8 encoder, fp32 decoders)
   serve     starts the real Triton server, round-trips 10 validation headlines through the `roundtrip` ensemble,
             prints them beside the originals and the metrics table, stops the server
 A failing stage says which and why (log tail) and keeps what earlier stages produced.
@@ -124,7 +125,9 @@ def stage_serve(a, out: Path) -> None:
     (out / "serve").mkdir(exist_ok=True)
     (out / "serve/roundtrip.json").write_text(json.dumps(rows, indent=2))
     width = max(len(t) for t in texts)
-    print(f"\n  {'original (validation)':<{width}} | roundtrip through Triton (tokenizer -> encoder -> beam_search)")
+    from invemb.export.exporter import served_variant
+    encoder = "int8 encoder" if served_variant(out / "model_repository") == "int8_encoder" else "encoder"
+    print(f"\n  {'original (validation)':<{width}} | roundtrip through Triton (tokenizer -> {encoder} -> beam_search)")
     for r in rows:
         print(f"  {r['original']:<{width}} | {r['roundtrip']}")
 

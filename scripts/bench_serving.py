@@ -6,7 +6,8 @@
 
 Workloads, each request one batch of validation headlines (or their vectors):
   encode     text -> vector: Triton `encode` ensemble (encoder: 2 instances), the same with a 1-instance encoder
-             (`encode_x1`) vs in-process OnnxEmbedder.encode
+             (`encode_x1`) vs in-process OnnxEmbedder.encode on the graphs Triton serves (the default export: the
+             static int8 encoder) and on the fp32 encoder
   decode     vector -> text, beam 4: Triton `beam_search` with its own ORT sessions over the top-k graphs (the
              default: 2 instances), the same model as 1 instance (`beam_search_x1`), the same model with
              decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the one-call BeamSearch-op graph:
@@ -174,7 +175,9 @@ def write_report(report: dict, out: Path) -> None:
              f"{', '.join(f'{x:.1f}' for x in report['load_avg_end'])} (the machine is shared)  ",
              f"Model: {report['model']}  ",
              "Triton: 1 instance per model (encoder, beam_search: 2; the _x1 arms: 1), intra-op threads 1, models on CPU, encoder via the Python-based "
-             "onnxruntime backend; gRPC client in the benchmark process. In-process: OnnxEmbedder with "
+             "onnxruntime backend; gRPC client in the benchmark process. Graphs served: "
+             f"{report.get('served_variant') or 'fp32'} (export_checkpoint's default: the static int8 encoder, fp32 "
+             "decoders). In-process: OnnxEmbedder on the same graphs (`in-process fp32`: the fp32 encoder) with "
              f"{report['ort_threads']} intra-op thread(s), a thread pool of the same concurrency. Each level: "
              f"the backends' runs interleaved, best of {report['repeats']} by throughput.", ""]
     for wl in report["workloads"]:
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from invemb.data import load_split
+    from invemb.export import exporter as to_onnx
     from invemb.ort import OnnxEmbedder
     from invemb.serving.client import TritonClient, text_tensor
     from invemb.serving.launch import TritonServer
@@ -241,8 +245,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
         repo, export_dir, report["model"] = prepare(args, Path(tmp))
         print(f"model: {report['model']}", flush=True)
-        emb = OnnxEmbedder(export_dir, threads=args.ort_threads)
-        rows_emb = OnnxEmbedder(export_dir, threads=args.ort_threads)
+        # in process: the graphs Triton serves (the default export: the static int8 encoder, fp32 decoders)
+        variant = report["served_variant"] = to_onnx.served_variant(repo)
+        emb = OnnxEmbedder(export_dir, threads=args.ort_threads, variant=variant)
+        fp32 = OnnxEmbedder(export_dir, threads=args.ort_threads)
+        rows_emb = OnnxEmbedder(export_dir, threads=args.ort_threads, variant=variant)
         rows_emb.candidates = False  # in-process search over full [N, V] log_probs rows
         vec_of = dict(zip(texts, emb.encode(texts)))
 
@@ -266,6 +273,7 @@ def main(argv=None) -> int:
             ("encode", args.encode_batch, args.encode_requests, " texts", [
                 ("Triton encode", "triton", "encode", text_in, "sentence_embedding"),
                 ("Triton encode_x1", "triton", "encode_x1", text_in, "sentence_embedding"),
+                ("in-process fp32", "inprocess", lambda b: fp32.encode(b), None, None),
                 ("in-process", "inprocess", lambda b: emb.encode(b), None, None)]),
             ("decode", args.decode_batch, args.decode_requests, " vectors, beam 4", [
                 ("Triton beam_search", "triton", "beam_search", vec_in, "text"),

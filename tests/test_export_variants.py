@@ -98,9 +98,11 @@ def test_int8_smoothing_is_exact_in_float_and_cuts_the_outlier_error(tmp_path):
     y_smoothed = make_session(tmp_path / "smoothed.onnx", threads=1).run(["y"], {"x": x})[0]
     np.testing.assert_allclose(y_smoothed, y, rtol=1e-4, atol=1e-3)
 
-    def int8_error(calib_feeds, inputs):
+    def int8_error(calib_feeds, inputs):  # activations quantised per batch, as quantize_dynamic does
         dst = tmp_path / f"int8_{len(calib_feeds or [])}_{inputs[0, 5]:.3f}.onnx"
-        assert optimize.quantize_int8(src, dst, calib_feeds) == (1 if calib_feeds else 0)
+        n = 1 if calib_feeds else 0
+        assert optimize.quantize_int8(src, dst, calib_feeds, static=False) == {"smoothing_muls": n,
+                                                                              "static_activations": 0}
         got = make_session(dst, threads=1).run(["y"], {"x": inputs})[0]
         ref = inputs @ w
         return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
@@ -112,3 +114,38 @@ def test_int8_smoothing_is_exact_in_float_and_cuts_the_outlier_error(tmp_path):
     fires = x.copy()
     fires[:, 5] = 8.0 * np.abs(fires[:, 5])  # ... and does at run time
     assert int8_error([{"x": silent}], fires) < int8_error(None, fires)
+
+
+def test_int8_static_activations_make_a_row_independent_of_its_batch(tmp_path):
+    """Dynamic int8 takes one activation range per batch, so a row's output changes with the other rows of its
+    batch (here: one row 10x larger); static_activations (fixed ranges from calibration) gives every row the
+    same output alone or in any batch, with an error no worse than dynamic's on inputs the calibration covers."""
+    import onnx
+
+    from invemb.export import optimize
+    from invemb.ort import make_session
+    rng = np.random.default_rng(1)
+    c, m = 64, 32
+    w = (rng.standard_normal((c, m)) * 0.1).astype(np.float32)
+    src = tmp_path / "mm.onnx"
+    onnx.save(_matmul_model(w), str(src))
+    calib = [{"x": rng.standard_normal((4096, c)).astype(np.float32)}]
+    x = rng.standard_normal((64, c)).astype(np.float32)
+    x[0] *= 10.0
+    outputs = {}
+    for static in (False, True):
+        dst = tmp_path / f"int8_static_{static}.onnx"
+        passes = optimize.quantize_int8(src, dst, calib, static=static)
+        assert passes == {"smoothing_muls": 1, "static_activations": 1 if static else 0}
+        ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+        assert ("QuantizeLinear" in ops, "DynamicQuantizeLinear" in ops) == (static, not static)
+        sess = make_session(dst, threads=1)
+        alone = np.concatenate([sess.run(["y"], {"x": x[i:i + 1]})[0] for i in range(1, 64)])
+        outputs[static] = (alone, sess.run(["y"], {"x": x})[0][1:])
+    alone, batched = outputs[False]
+    assert np.abs(alone - batched).max() > 1e-2  # dynamic: the large row coarsened the others' steps
+    alone, batched = outputs[True]
+    np.testing.assert_allclose(alone, batched, rtol=0, atol=1e-6)
+    ref = x[1:] @ w
+    err = {s: float(np.linalg.norm(outputs[s][0] - ref) / np.linalg.norm(ref)) for s in (False, True)}
+    assert err[True] <= err[False] * 1.5, err

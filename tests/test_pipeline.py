@@ -18,8 +18,11 @@ def test_pipeline_toy_end_to_end_and_resume(data_dir, tmp_path):
         assert (out / f"{stage}.done").is_file(), stage
         assert f"{stage}: done in" in r.stdout
     rows = json.loads((out / "serve/roundtrip.json").read_text())
-    from invemb.model import InvertibleEmbedder  # Triton's round trip == the trained model's, in process
-    model = InvertibleEmbedder.from_pretrained(out / "train/final")
+    from invemb.export.exporter import served_variant  # Triton's round trip == the exported graphs', in process
+    from invemb.ort import OnnxEmbedder
+    variant = served_variant(out / "model_repository")
+    assert variant == "int8_encoder"  # the CPU serving default
+    model = OnnxEmbedder(out / "onnx", threads=1, variant=variant)
     originals = [x["original"] for x in rows]
     assert len(rows) == 3 and [x["roundtrip"] for x in rows] == model.decode(model.encode(originals), beam_size=4)
     assert "Round trip through Triton" in (out / "summary.md").read_text()

@@ -31,7 +31,10 @@ def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("triton")
     repo, export_dir = exporter.fresh_triton_repo(base / "repo"), base / "onnx"
     with exporter.quiet_exporter():  # + the one-call beam search graph as the generated model beam_search_op
-        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo, one_call=True)
+        # the fp32 encoder, so that Triton's vectors can be held to the torch model's (the int8 default: below)
+        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo, one_call=True,
+                                   triton_encoder="fp32")
+    assert exporter.served_variant(repo) is None
     return repo, export_dir
 
 
@@ -123,6 +126,31 @@ def test_bls_runner_gives_the_same_texts(triton_repo, reference, noisy, tmp_path
         assert c.decode(reference["vectors"][:8], beam_size=4, batch_size=4) == reference["texts"][:8]
         assert step_count(c, "decoder_step") > before
         assert c.decode(noisy[0][:8], beam_size=4, batch_size=4, rerank=True) == noisy[1][:8]
+
+
+def test_the_default_export_serves_the_static_int8_encoder(toy_checkpoint, headlines32, tmp_path_factory):
+    """export_checkpoint's default (export/to_onnx.py --triton-repo, launch.py's auto-export, the pipeline): the
+    repository serves the smoothed int8 encoder with fixed activation ranges, and fp32 decoders. Triton's vectors
+    == in-process ORT with that variant (atol 1e-5, although the client's ragged batches are merged by dynamic
+    batching: a vector does not depend on its batch), its round trip == that embedder's decode, and the vectors
+    stay close to fp32's."""
+    from invemb.export import exporter
+    from invemb.ort import OnnxEmbedder
+    base = tmp_path_factory.mktemp("int8")
+    repo, export_dir = exporter.fresh_triton_repo(base / "repo"), base / "onnx"
+    with exporter.quiet_exporter():
+        exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
+    assert exporter.served_variant(repo) == "int8_encoder"
+    local = OnnxEmbedder(export_dir, threads=1, variant="int8_encoder")
+    assert local.files["decoder_step"] == "decoder_step.onnx" and local.files["encoder"] == "encoder.int8.onnx"
+    want = local.encode(headlines32)
+    fp32 = OnnxEmbedder(export_dir, threads=1).encode(headlines32)
+    cos = (want * fp32).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() > 0.99 and np.abs(want - fp32).max() > 1e-4  # int8: close, and not the fp32 graph
+    with TritonServer(repo, startup_timeout=300, log_file=base / "server.log") as s, \
+            TritonClient(s.grpc_url, timeout=120, ready_timeout=60) as c:
+        np.testing.assert_allclose(c.encode(headlines32, batch_size=5, max_in_flight=3), want, atol=1e-5, rtol=0)
+        assert c.roundtrip(headlines32, batch_size=8, max_in_flight=2) == local.decode(want, beam_size=4)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ DEFAULT_OPSET = 18
 EXAMPLE = {"batch": 3, "sequence": 7, "past": 5, "new": 2}
 TRITON_GRAPHS = ("encoder", "decoder_init", "decoder_step", "decoder_onepass")
 TRITON_ASSET_MODELS = ("tokenizer", "beam_search")  # models that get manifest.json + tokenizer/
+TRITON_ENCODERS = ("int8", "fp32")  # what export_checkpoint places in the repository's encoder/1/ (int8: default)
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
@@ -259,9 +260,15 @@ def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       triton_repo: str | os.PathLike | None = None, one_call: bool = False,
-                      encoder_exporter: str = "torchscript") -> dict:
+                      encoder_exporter: str = "torchscript", triton_encoder: str = "int8") -> dict:
     """Load a checkpoint (InvembError when missing/corrupted/incompatible), export it (+ the one-call beam search
-    graph), optionally place it in a Triton model repository. Returns the manifest."""
+    graph), optionally place it in a Triton model repository. Returns the manifest.
+    triton_encoder: the encoder graph the repository serves. "int8" (the CPU serving default): the smoothed int8
+    encoder with fixed activation ranges (export/optimize.py's int8_encoder variant; decoders stay fp32): faster,
+    a vector independent of its batch, its cost in BLEU measured in results/fidelity.md (serving/README.md);
+    "fp32": the exported graph itself, vectors equal to the torch model's within 1e-5 (a GPU deployment's choice)."""
+    if triton_encoder not in TRITON_ENCODERS:
+        raise InvembError(f"triton_encoder must be one of {', '.join(TRITON_ENCODERS)}, not {triton_encoder!r}")
     from invemb.model import InvertibleEmbedder
     model = InvertibleEmbedder.from_pretrained(checkpoint_dir)
     manifest = export_model(model, out_dir, opset, source=str(Path(checkpoint_dir).resolve()),
@@ -271,7 +278,12 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
         build_one_call_graph(out_dir)
         manifest = read_manifest(out_dir)
     if triton_repo:
-        place_in_triton_repo(out_dir, triton_repo)
+        variant = None
+        if triton_encoder == "int8":
+            from invemb.export.optimize import make_variants
+            make_variants(out_dir, ("int8",), encoder_only=True)
+            manifest, variant = read_manifest(out_dir), "int8_encoder"
+        place_in_triton_repo(out_dir, triton_repo, variant)
     return manifest
 
 
@@ -319,7 +331,8 @@ def fresh_triton_repo(dst: str | os.PathLike) -> Path:
 def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
                          variant: str | None = None) -> list[Path]:
     """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.
-    `variant` (e.g. "int8", made by export/optimize.py) places that variant's graph files instead.
+    `variant` (e.g. "int8_encoder", made by export/optimize.py) places that variant's graph files instead; the
+    manifest copies record it as "served_variant" (served_variant(repo) reads it back).
     Only these files are replaced (config.pbtxt and model.py files written by the serving side stay)."""
     src, repo = Path(export_dir), Path(repo)
     manifest = read_manifest(src)
@@ -336,7 +349,7 @@ def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=ver))
         shutil.copytree(src / manifest["tokenizer_dir"], tmp, dirs_exist_ok=True)
         _replace_dir(tmp, ver / manifest["tokenizer_dir"])
-        _copy_atomic(src / "manifest.json", ver / "manifest.json")
+        write_manifest(ver, {**manifest, "served_variant": variant})
         placed += [ver / "manifest.json", ver / manifest["tokenizer_dir"]]
     if "one_call" in manifest:  # the one-call beam search graph: a generated model of its own (config included)
         from invemb.export.beam_graph import triton_config
@@ -347,6 +360,12 @@ def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
     elif (repo / "beam_search_op").is_dir():  # left by an earlier export: it would serve other weights
         shutil.rmtree(repo / "beam_search_op")
     return placed
+
+
+def served_variant(repo: str | os.PathLike) -> str | None:
+    """The export variant whose graphs a repository filled by place_in_triton_repo serves (None: the fp32 graphs),
+    so that an in-process reference (OnnxEmbedder(export_dir, variant=...)) runs the same graphs."""
+    return read_manifest(Path(repo) / "beam_search" / "1").get("served_variant")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -380,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-call", action="store_true",
                     help="also write beam_search_op.onnx: the whole beam search as one ONNX Runtime BeamSearch op "
                          "(invemb.export.beam_graph; transformer decoders)")
+    ap.add_argument("--triton-encoder", choices=TRITON_ENCODERS, default="int8",
+                    help="encoder graph placed in --triton-repo: int8 (default, CPU serving: smoothed int8 with "
+                         "fixed activation ranges, serving/README.md) or fp32 (vectors == torch within 1e-5; GPU)")
     args = ap.parse_args(argv)
     try:
         if args.checkpoint is None:
@@ -387,14 +409,14 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint = str(default_model_path())
         with quiet_exporter():
             manifest = export_checkpoint(args.checkpoint, args.out, args.opset, args.triton_repo, args.one_call,
-                                         args.encoder_exporter)
+                                         args.encoder_exporter, args.triton_encoder)
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files = ", ".join([g["file"] for g in manifest["graphs"].values()]
                       + ([manifest["one_call"]["file"]] if "one_call" in manifest else []))
     print(f"exported {manifest['decoder_kind']} model to {args.out}: {files}, manifest.json, tokenizer/"
-          + (f"; placed in {args.triton_repo}" if args.triton_repo else ""))
+          + (f"; placed in {args.triton_repo} ({args.triton_encoder} encoder)" if args.triton_repo else ""))
     return 0
 
 

@@ -9,8 +9,11 @@ Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, va
   int8  dynamic int8 (onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights, per-channel) of the
         optimised encoder and of the decoder graphs (constant Transposes of weights folded first, so the tied
         output projection is quantised too); the encoder's activation outliers are smoothed into its weights
-        first (SmoothQuant, smooth_activations; --no-smooth turns it off). CPU.
-  int8_encoder (made with int8) the int8 encoder with the fp32 decoder graphs: the encode path's int8.
+        first (SmoothQuant, smooth_activations) and its activations get fixed calibrated ranges
+        (static_activations: a vector does not depend on the other texts of its batch; --no-smooth turns both
+        off). The decoders' activations stay per batch (dynamic): with them a text can depend on its batch. CPU.
+  int8_encoder (made with int8) the int8 encoder with the fp32 decoder graphs: the encode path's int8, what a
+        Triton repository serves by default (export/to_onnx.py --triton-repo; --triton-encoder fp32 opts out).
   fp16  fp16 weights/compute with fp32 inputs/outputs (keep_io_types), for a GPU; no speed-up on a CPU.
 The table compares each variant with fp32 on the same headlines, machine and thread count: encoder cosine,
 beam search exact match / positional token accuracy vs the tokenized inputs, texts identical to fp32, and speed.
@@ -33,6 +36,7 @@ from invemb.util import best_of
 VARIANTS = ("opt", "int8", "fp16")
 DEVICE = {"opt": "cpu", "int8": "cpu", "fp16": "gpu"}
 SMOOTH_ALPHA = 0.85  # smooth_activations' migration strength (measured: 0.5 / 0.65 / 0.85 / 1.0 on the shipped encoder)
+STATIC_MARGIN = 1.0  # calibrated activation ranges are widened by this factor (static_activations)
 
 
 # ----------------------------------------------------------------------------------------------- graph passes
@@ -68,9 +72,8 @@ def optimize_encoder(src: Path, dst: Path, num_heads: int = 0, hidden_size: int 
     return {k: v for k, v in m.get_fused_operator_statistics().items() if v}
 
 
-def _activation_maxima(model, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """Per-channel max |x| (over all other axes and every feed) of the named tensors: the graph is run with them
-    added as outputs."""
+def _probe(model, names: list[str], feeds: list[dict]):
+    """Yield {name: array} of the named tensors for each feed: the graph is run with them added as outputs."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -81,11 +84,53 @@ def _activation_maxima(model, names: list[str], feeds: list[dict]) -> dict[str, 
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in have)
     sess = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    amax = {n: 0.0 for n in names}
     for feed in feeds:
-        for n, x in zip(names, sess.run(names, feed)):  # x [..., C]
+        yield dict(zip(names, sess.run(names, feed)))
+
+
+def _activation_maxima(model, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| (over all other axes and every feed) of the named tensors."""
+    amax = {n: 0.0 for n in names}
+    for out in _probe(model, names, feeds):
+        for n, x in out.items():  # x [..., C]
             amax[n] = np.maximum(amax[n], np.abs(x).reshape(-1, x.shape[-1]).max(0))
     return amax
+
+
+def _activation_ranges(model, names: list[str], feeds: list[dict]) -> dict[str, tuple[float, float]]:
+    """(min, max) of the named tensors over every feed, widened to include 0 (what uint8 quantisation covers)."""
+    lo, hi = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    for out in _probe(model, names, feeds):
+        for n, x in out.items():
+            lo[n], hi[n] = min(lo[n], float(x.min())), max(hi[n], float(x.max()))
+    return {n: (lo[n], hi[n]) for n in names}
+
+
+def static_activations(model, ranges: dict[str, tuple[float, float]]) -> int:
+    """Fixed int8 activation ranges: every DynamicQuantizeLinear(x) whose x has a calibrated (min, max) becomes
+    QuantizeLinear(x, scale, zero_point) with ONNX's uint8 formula (scale = (max - min) / 255, zero_point =
+    round(-min / scale)); its scale/zero-point outputs become constants of the same names, so the MatMulInteger
+    nodes after it are unchanged. Why: DynamicQuantizeLinear takes one range per TENSOR, i.e. over the whole
+    batch (and its padding), so with it a headline's vector depends on the other headlines of its batch (measured
+    on the shipped encoder: alone vs in a batch of 96, 1 - cosine up to 0.0075, and 26 of 96 beam-4 texts
+    changed); with fixed ranges it does not (alone == batched to float rounding). Values beyond the calibrated
+    range saturate. Returns the number of nodes replaced."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    replaced = 0
+    for node in g.node:
+        if node.op_type != "DynamicQuantizeLinear" or node.input[0] not in ranges:
+            continue
+        lo, hi = ranges[node.input[0]]
+        scale = np.float32(max(hi - lo, 1e-8) / 255)
+        zero_point = np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+        quantized, scale_name, zp_name = node.output
+        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), scale_name),
+                              numpy_helper.from_array(np.array(zero_point, np.uint8), zp_name)])
+        node.CopyFrom(helper.make_node("QuantizeLinear", [node.input[0], scale_name, zp_name], [quantized],
+                                       name=f"{node.name or node.input[0]}.static"))
+        replaced += 1
+    return replaced
 
 
 def smooth_activations(model, feeds: list[dict], alpha: float = SMOOTH_ALPHA) -> int:
@@ -154,14 +199,17 @@ def calibration_feeds(export_dir: str | os.PathLike, texts=None, batch_size: int
             for i in range(0, len(texts), batch_size)]
 
 
-def quantize_int8(src: Path, dst: Path, calib_feeds: list[dict] | None = None) -> int:
-    """Dynamic int8 of src's MatMul/Gemm weights (per channel) -> dst; with calib_feeds, smoothed first
-    (smooth_activations). Returns the number of smoothing Mul nodes."""
+def quantize_int8(src: Path, dst: Path, calib_feeds: list[dict] | None = None, static: bool = True,
+                  margin: float = STATIC_MARGIN) -> dict:
+    """Dynamic int8 of src's MatMul/Gemm weights (per channel) -> dst; with calib_feeds, the activations are
+    smoothed first (smooth_activations) and, with `static`, quantised with fixed ranges (static_activations: the
+    calibrated (min, max) times `margin`) instead of per-batch ones. Returns {"smoothing_muls": n,
+    "static_activations": m}: the nodes each pass added or replaced."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model = onnx.load(str(src))
     fold_constant_transposes(model)
-    smoothed = smooth_activations(model, calib_feeds) if calib_feeds else 0
+    done = {"smoothing_muls": smooth_activations(model, calib_feeds) if calib_feeds else 0, "static_activations": 0}
     tmp = dst.with_name(f".{dst.name}.pre.onnx")
     root = logging.getLogger()
     level = root.level
@@ -175,7 +223,15 @@ def quantize_int8(src: Path, dst: Path, calib_feeds: list[dict] | None = None) -
     finally:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
-    return smoothed
+    if calib_feeds and static:
+        quantized = onnx.load(str(dst))
+        names = [n.input[0] for n in quantized.graph.node if n.op_type == "DynamicQuantizeLinear"]
+        # ranges of the float (smoothed) graph's tensors: quantize_dynamic keeps the names of the inputs it reads
+        ranges = _activation_ranges(model, names, calib_feeds)
+        ranges = {n: (lo * margin, hi * margin) for n, (lo, hi) in ranges.items()}
+        done["static_activations"] = static_activations(quantized, ranges)
+        onnx.save(quantized, str(dst))
+    return done
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -184,9 +240,13 @@ def convert_fp16(src: Path, dst: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
 
 
-def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smooth: bool = True) -> dict:
+def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smooth: bool = True,
+                  encoder_only: bool = False, static: bool = True) -> dict:
     """Write the variant graphs next to the fp32 ones and record them in manifest.json (atomically). smooth: the
-    int8 encoder is smoothed first (smooth_activations, calibrated on invemb.export.calibration)."""
+    int8 encoder is smoothed first (smooth_activations, calibrated on invemb.export.calibration); static: and its
+    activations get fixed calibrated ranges (static_activations: a vector no longer depends on its batch). encoder_only:
+    int8 quantises only the encoder and records only `int8_encoder` (what Triton's CPU encode serves by default:
+    export_checkpoint(triton_encoder="int8"))."""
     d = Path(export_dir)
     manifest = read_manifest(d)
     unknown = set(variants) - set(VARIANTS)
@@ -194,7 +254,7 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
         raise InvembError(f"unknown variant(s) {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     graphs = {name: d / g["file"] for name, g in manifest["graphs"].items()}
     fused: dict = {}
-    smoothed: dict = {}
+    passes: dict = {}  # graph -> quantize_int8's pass counts
     opt_encoder = d / "encoder.opt.onnx"
     if {"opt", "int8"} & set(variants):
         fused = optimize_encoder(graphs["encoder"], opt_encoder)
@@ -204,23 +264,29 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
             files["encoder"] = opt_encoder.name
         elif v == "int8":
             for name, path in graphs.items():
+                if encoder_only and name != "encoder":
+                    continue
                 dst = d / f"{name}.int8.onnx"
-                # only the encoder is smoothed: the decoders' int8 error is small (results/fidelity.md) and their
-                # inputs (vectors, KV caches) have no calibration text
+                # only the encoder is calibrated: the decoders' int8 error is small (results/fidelity.md) and their
+                # inputs (vectors, KV caches) have no calibration text, so their activations stay per batch
                 feeds = calibration_feeds(d) if smooth and name == "encoder" else None
-                smoothed[name] = quantize_int8(opt_encoder if name == "encoder" else path, dst, feeds)
+                passes[name] = quantize_int8(opt_encoder if name == "encoder" else path, dst, feeds, static)
                 files[name] = dst.name
         else:
             for name, path in graphs.items():
                 dst = d / f"{name}.fp16.onnx"
                 convert_fp16(path, dst)
                 files[name] = dst.name
-        manifest.setdefault("variants", {})[v] = {
-            "files": files, "device": DEVICE[v], **({"fused_ops": fused} if v in ("opt", "int8") else {}),
-            **({"smoothing": {"alpha": SMOOTH_ALPHA, "mul_nodes": {k: n for k, n in smoothed.items() if n}}}
-               if v == "int8" and smooth else {})}
+        meta = {"device": DEVICE[v], **({"fused_ops": fused} if v in ("opt", "int8") else {}),
+                **({"smoothing": {"alpha": SMOOTH_ALPHA, **{
+                    key: {g: n[key] for g, n in passes.items() if n[key]}
+                    for key in ("smoothing_muls", "static_activations")}, "static_margin": STATIC_MARGIN}}
+                   if v == "int8" and smooth else {})}
+        recorded = manifest.setdefault("variants", {})
         if v == "int8":  # the int8 encoder with the fp32 decoders: int8 text -> vector, unchanged decoding
-            manifest["variants"]["int8_encoder"] = {"files": {"encoder": files["encoder"]}, "device": DEVICE[v]}
+            recorded["int8_encoder"] = {"files": {"encoder": files["encoder"]}, **meta}
+        if not (v == "int8" and encoder_only):
+            recorded[v] = {"files": files, **meta}
     if "opt" not in variants and opt_encoder.exists():
         opt_encoder.unlink()
     write_manifest(d, manifest)
@@ -279,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--onnx", required=True, help="folder written by export/to_onnx.py")
     ap.add_argument("--variants", default="opt,int8", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--no-smooth", action="store_true", help="int8 without smoothing the encoder's activations")
+    ap.add_argument("--no-smooth", action="store_true",
+                    help="int8 without smoothing the encoder's activations (and without fixed activation ranges)")
     ap.add_argument("--data", default=None, help="headlines for the quality check (default: $INVEMB_DATA)")
     ap.add_argument("-n", type=int, default=64, help="validation headlines measured (0: only write variants)")
     ap.add_argument("--beam-size", type=int, default=4)
