@@ -208,7 +208,11 @@ def render(res: dict, seconds: float) -> str:
         lines += ["", f"Same text from both: {i8['same_text_rate']:.4f}."]
         if "int8_encoder" in i8:
             lines += [f"int8_encoder = the int8 encoder graph with the fp32 decoder graphs (is the loss the "
-                      f"encoder's or the decoder's?); same text as fp32: {i8['int8_encoder_same_text_rate']:.4f}."]
+                      f"encoder's or the decoder's?); same text as fp32: {i8['int8_encoder_same_text_rate']:.4f}. "
+                      "It is what a Triton repository serves by default on CPU (export/to_onnx.py --triton-repo). "
+                      "The int8 encoder is smoothed and has fixed calibrated activation ranges, so a vector does not "
+                      "depend on its batch; the int8 decoders quantise activations per batch "
+                      "(invemb/export/optimize.py)."]
     if res["curve"]:
         lines += ["", "## Learning curve (validation subset of 512, teacher-forced; greedy on 128 where logged)",
                   ""]
