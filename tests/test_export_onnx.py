@@ -148,8 +148,9 @@ def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
     exporter.place_in_triton_repo(onnx_dir, repo)  # idempotent
     for g in ("encoder", "decoder_init", "decoder_step"):
         assert (repo / g / "1" / "model.onnx").read_bytes() == (onnx_dir / f"{g}.onnx").read_bytes()
+    want = {**json.loads((onnx_dir / "manifest.json").read_text()), "served_variant": None}  # the fp32 graphs
     for name in ("tokenizer", "beam_search"):
-        assert (repo / name / "1" / "manifest.json").read_text() == (onnx_dir / "manifest.json").read_text()
+        assert json.loads((repo / name / "1" / "manifest.json").read_text()) == want
         assert (repo / name / "1" / "tokenizer" / "tokenizer.json").is_file()
     assert (repo / "encoder" / "config.pbtxt").read_text() == "name: x"
     assert (repo / "beam_search" / "1" / "model.py").read_text() == "# serving code"
@@ -230,7 +231,9 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     made = optimize.make_variants(d, ("opt", "int8"))
     assert made["int8"]["files"] == {g: f"{g}.int8.onnx" for g in ("encoder", "decoder_init", "decoder_step")}
     assert made["opt"]["fused_ops"].get("SkipLayerNormalization", 0) > 0
-    assert made["int8"]["smoothing"]["mul_nodes"]["encoder"] > 0  # the encoder's MatMul inputs are smoothed
+    assert made["int8"]["smoothing"]["smoothing_muls"]["encoder"] > 0  # the encoder's MatMul inputs are smoothed
+    assert made["int8"]["smoothing"]["static_activations"]["encoder"] > 0  # ... and quantised with fixed ranges
+    assert "decoder_step" not in made["int8"]["smoothing"]["static_activations"]  # no calibration text: dynamic
     assert made["int8_encoder"]["files"] == {"encoder": "encoder.int8.onnx"}  # + the fp32 decoders
     rows = {r["variant"]: r for r in optimize.measure(d, headlines32, ("opt", "int8"), threads=1, repeats=1)}
     assert rows["fp32"]["token_accuracy"] >= 0.5
@@ -241,6 +244,7 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     head = onnx.load(str(d / "decoder_step.int8.onnx")).graph
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in head.node)
     exporter.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
+    assert exporter.served_variant(tmp_path / "repo") == "int8"
     assert (tmp_path / "repo" / "decoder_step" / "1" / "model.onnx").read_bytes() == \
         (d / "decoder_step.int8.onnx").read_bytes()
     # the fidelity study's three arms: fp32, int8, and the int8 encoder with fp32 decoders
