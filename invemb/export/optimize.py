@@ -280,7 +280,8 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
         meta = {"device": DEVICE[v], **({"fused_ops": fused} if v in ("opt", "int8") else {}),
                 **({"smoothing": {"alpha": SMOOTH_ALPHA, **{
                     key: {g: n[key] for g, n in passes.items() if n[key]}
-                    for key in ("smoothing_muls", "static_activations")}, "static_margin": STATIC_MARGIN}}
+                    for key in ("smoothing_muls", "static_activations")},
+                    **({"static_margin": STATIC_MARGIN} if static else {})}}
                    if v == "int8" and smooth else {})}
         recorded = manifest.setdefault("variants", {})
         if v == "int8":  # the int8 encoder with the fp32 decoders: int8 text -> vector, unchanged decoding
