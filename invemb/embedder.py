@@ -48,8 +48,11 @@ class EmbedderBase:
         from tqdm.auto import tqdm
         texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
         out = np.zeros((len(texts), self.sentence_dim), np.float32)
-        for rows in tqdm(length_sorted_batches(texts, batch_size), disable=not progress, desc="encode",
-                         unit="batch"):  # similar lengths together (less padding); rows written back in order
+        # batches of similar TOKEN counts (less padding; a fast tokenizer's pass costs <1% of an encode); rows are
+        # written back in input order
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        for rows in tqdm(length_sorted_batches(texts, batch_size, lengths), disable=not progress, desc="encode",
+                         unit="batch"):
             out[rows] = self._encode_batch([texts[r] for r in rows])
         return out
 

@@ -41,11 +41,15 @@ def tokenize_texts(tokenizer, texts: Sequence[str] | str, max_length: int, retur
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
-    """Row indices of `texts` in batches of similar length (by characters, a cheap proxy of tokens), so a batch
-    pads to its own longest text instead of a random long one (headlines: ~1.4x faster encoding). Callers write
-    each batch's results back at its indices: the output order is the input order."""
-    order = np.argsort(np.array([len(t) for t in texts], dtype=np.int64), kind="stable")
+def length_sorted_batches(texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None
+                          ) -> list[np.ndarray]:
+    """Row indices of `texts` in batches of similar length, so a batch pads to its own longest text instead of a
+    random long one (headlines: ~1.4x faster encoding). `lengths`: each text's token count when the caller has the
+    tokenizer (256 validation headlines in batches of 64 pad to 1.14x their tokens; sorted by characters, the
+    cheap proxy used without it, 1.33x; unsorted 1.50x). Callers write each batch's results back at its indices:
+    the output order is the input order."""
+    key = [len(t) for t in texts] if lengths is None else lengths
+    order = np.argsort(np.array(key, dtype=np.int64), kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 

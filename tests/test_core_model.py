@@ -114,3 +114,20 @@ def test_pretrained_minilm_encoder_loads_offline():
     v = model.encode(["Oil prices fall as OPEC output rises", "Stocks rally"])
     assert v.shape == (2, 768) and np.isfinite(v).all()
     assert not model.encoder.backbone.embeddings.word_embeddings.weight.requires_grad  # frozen in `small`
+
+
+def test_encode_batches_by_token_count_and_keeps_input_order(toy_model, headlines32, monkeypatch):
+    """encode groups texts of similar TOKEN counts (characters mislead: 'Q3 EPS: $1.02' is short in characters,
+    long in pieces) and writes every vector back at its text's position."""
+    from invemb.text import length_sorted_batches
+    assert [list(b) for b in length_sorted_batches(["a", "b", "c", "d"], 2, lengths=[5, 1, 3, 2])] == [[1, 3], [2, 0]]
+    texts = headlines32[:12] + ["Q3 EPS: $1.02 vs $0.97, rev $4.1B", "Stocks rise"]
+    alone = np.concatenate([toy_model.encode([t]) for t in texts])
+    seen = []
+    encode_batch = toy_model._encode_batch
+    monkeypatch.setattr(toy_model, "_encode_batch", lambda batch: seen.append(batch) or encode_batch(batch))
+    batched = toy_model.encode(texts, batch_size=4)
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
+    counts = [[int(m.sum()) for m in toy_model.tokenize(b)["attention_mask"]] for b in seen]
+    assert sorted(sum(seen, [])) == sorted(texts) and [len(b) for b in seen] == [4, 4, 4, 2]
+    assert all(max(a) <= min(b) for a, b in zip(counts, counts[1:])), counts

@@ -101,8 +101,8 @@ def test_int8_smoothing_is_exact_in_float_and_cuts_the_outlier_error(tmp_path):
     def int8_error(calib_feeds, inputs):  # activations quantised per batch, as quantize_dynamic does
         dst = tmp_path / f"int8_{len(calib_feeds or [])}_{inputs[0, 5]:.3f}.onnx"
         n = 1 if calib_feeds else 0
-        assert optimize.quantize_int8(src, dst, calib_feeds, static=False) == {"smoothing_muls": n,
-                                                                              "static_activations": 0}
+        assert optimize.quantize_int8(src, dst, calib_feeds, static=False) == {
+            "smoothing_muls": n, "static_activations": 0, "fused_matmuls": 0}
         got = make_session(dst, threads=1).run(["y"], {"x": inputs})[0]
         ref = inputs @ w
         return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
@@ -136,9 +136,10 @@ def test_int8_static_activations_make_a_row_independent_of_its_batch(tmp_path):
     for static in (False, True):
         dst = tmp_path / f"int8_static_{static}.onnx"
         passes = optimize.quantize_int8(src, dst, calib, static=static)
-        assert passes == {"smoothing_muls": 1, "static_activations": 1 if static else 0}
+        assert passes == {"smoothing_muls": 1, "static_activations": int(static), "fused_matmuls": int(static)}
         ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
         assert ("QuantizeLinear" in ops, "DynamicQuantizeLinear" in ops) == (static, not static)
+        assert ("MatMulIntegerToFloat" in ops, "MatMulInteger" in ops) == (static, not static)
         sess = make_session(dst, threads=1)
         alone = np.concatenate([sess.run(["y"], {"x": x[i:i + 1]})[0] for i in range(1, 64)])
         outputs[static] = (alone, sess.run(["y"], {"x": x})[0][1:])
@@ -149,3 +150,36 @@ def test_int8_static_activations_make_a_row_independent_of_its_batch(tmp_path):
     ref = x[1:] @ w
     err = {s: float(np.linalg.norm(outputs[s][0] - ref) / np.linalg.norm(ref)) for s in (False, True)}
     assert err[True] <= err[False] * 1.5, err
+
+
+def test_fused_integer_matmul_computes_the_static_graph_exactly(tmp_path, monkeypatch):
+    """fuse_integer_matmuls: MatMulInteger -> Cast -> Mul(scales) -> Add(bias) becomes one MatMulIntegerToFloat
+    with the bias folded in, and the outputs equal the unfused static graph's (same int32 sums and scales)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from invemb.export import optimize
+    from invemb.ort import make_session
+    rng = np.random.default_rng(2)
+    c, m = 48, 24
+    w = (rng.standard_normal((c, m)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                           helper.make_node("Add", ["h", "b"], ["y"], name="bias")], "mm_bias",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", m])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    src = tmp_path / "mm_bias.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    calib = [{"x": rng.standard_normal((512, c)).astype(np.float32)}]
+    x = rng.standard_normal((37, c)).astype(np.float32)
+    fused = tmp_path / "fused.onnx"
+    assert optimize.quantize_int8(src, fused, calib)["fused_matmuls"] == 1
+    assert [n.op_type for n in onnx.load(str(fused)).graph.node] == ["Mul", "QuantizeLinear", "MatMulIntegerToFloat"]
+    monkeypatch.setattr(optimize, "fuse_integer_matmuls", lambda model: 0)
+    plain = tmp_path / "plain.onnx"
+    optimize.quantize_int8(src, plain, calib)
+    assert {"Cast", "MatMulInteger", "Add"} <= {n.op_type for n in onnx.load(str(plain)).graph.node}
+    got, ref = (make_session(p, threads=1).run(["y"], {"x": x})[0] for p in (fused, plain))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert np.linalg.norm(got - (x @ w + b)) / np.linalg.norm(x @ w + b) < 0.02  # and it is still the layer

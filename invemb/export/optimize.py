@@ -133,6 +133,60 @@ def static_activations(model, ranges: dict[str, tuple[float, float]]) -> int:
     return replaced
 
 
+def fuse_integer_matmuls(model) -> int:
+    """MatMulInteger(a_q, b_q, a_zp, b_zp) -> Cast(float) -> Mul(a_scale * b_scale) [-> Add(bias)] becomes one
+    com.microsoft MatMulIntegerToFloat(a_q, b_q, a_scale, b_scale, a_zp, b_zp[, bias]) when both scales are
+    initializers (static_activations' graphs). Why: ORT fuses the dynamic pattern (DynamicQuantizeMatMul) but not
+    this one, so the static graph wrote every int32 product to memory three times (MatMulInteger, Cast, Mul) and
+    the biases of the query/key/value projections once more; the fused kernel applies scale and bias inside the
+    GEMM. Same arithmetic (int32 sums times the product of the scales, plus the bias). Returns the fusions made."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def only_consumer(name: str, op: str):
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and name not in outputs else None
+
+    drop, fused = set(), 0
+    for mm in [n for n in g.node if n.op_type == "MatMulInteger" and len(n.input) == 4]:
+        cast = only_consumer(mm.output[0], "Cast")
+        mul = cast and only_consumer(cast.output[0], "Mul")
+        if mul is None or helper.get_attribute_value(cast.attribute[0]) != 1:  # Cast to FLOAT
+            continue
+        scales = producer.get(next((i for i in mul.input if i != cast.output[0]), ""))
+        if scales is None or scales.op_type != "Mul" or not all(i in inits for i in scales.input):
+            continue
+        a_scale, b_scale = scales.input  # quantize_dynamic writes Mul(activation scale, weight scale)
+        if inits[a_scale].dims or len(inits[b_scale].dims) > 1:
+            continue
+        inputs, out, gone = [mm.input[0], mm.input[1], a_scale, b_scale, mm.input[2], mm.input[3]], mul.output[0], []
+        add = only_consumer(out, "Add")
+        bias = add and next((i for i in add.input if i != out), None)
+        if bias in inits and list(inits[bias].dims) == [numpy_helper.to_array(inits[mm.input[1]]).shape[-1]]:
+            inputs.append(bias)
+            out, gone = add.output[0], [add]
+        mm.CopyFrom(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{mm.name}.to_float",
+                                     domain="com.microsoft"))
+        drop.update(id(n) for n in [cast, mul, *gone])
+        if len(consumers.get(scales.output[0], [])) == 1:
+            drop.add(id(scales))
+        fused += 1
+    if fused:
+        kept = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
 def smooth_activations(model, feeds: list[dict], alpha: float = SMOOTH_ALPHA) -> int:
     """SmoothQuant (Xiao et al., 2023) for dynamic int8: ORT quantises a MatMul's input per TENSOR, so a few
     outlier channels (a BERT has them) set the step size for all of them. For every MatMul x @ W with W an
@@ -203,13 +257,15 @@ def quantize_int8(src: Path, dst: Path, calib_feeds: list[dict] | None = None, s
                   margin: float = STATIC_MARGIN) -> dict:
     """Dynamic int8 of src's MatMul/Gemm weights (per channel) -> dst; with calib_feeds, the activations are
     smoothed first (smooth_activations) and, with `static`, quantised with fixed ranges (static_activations: the
-    calibrated (min, max) times `margin`) instead of per-batch ones. Returns {"smoothing_muls": n,
-    "static_activations": m}: the nodes each pass added or replaced."""
+    calibrated (min, max) times `margin`) instead of per-batch ones, and their integer MatMuls fused
+    (fuse_integer_matmuls). Returns {"smoothing_muls": n, "static_activations": m, "fused_matmuls": k}: the nodes
+    each pass added, replaced or fused."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model = onnx.load(str(src))
     fold_constant_transposes(model)
-    done = {"smoothing_muls": smooth_activations(model, calib_feeds) if calib_feeds else 0, "static_activations": 0}
+    done = {"smoothing_muls": smooth_activations(model, calib_feeds) if calib_feeds else 0, "static_activations": 0,
+            "fused_matmuls": 0}
     tmp = dst.with_name(f".{dst.name}.pre.onnx")
     root = logging.getLogger()
     level = root.level
@@ -230,6 +286,7 @@ def quantize_int8(src: Path, dst: Path, calib_feeds: list[dict] | None = None, s
         ranges = _activation_ranges(model, names, calib_feeds)
         ranges = {n: (lo * margin, hi * margin) for n, (lo, hi) in ranges.items()}
         done["static_activations"] = static_activations(quantized, ranges)
+        done["fused_matmuls"] = fuse_integer_matmuls(quantized)
         onnx.save(quantized, str(dst))
     return done
 
@@ -280,7 +337,7 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
         meta = {"device": DEVICE[v], **({"fused_ops": fused} if v in ("opt", "int8") else {}),
                 **({"smoothing": {"alpha": SMOOTH_ALPHA, **{
                     key: {g: n[key] for g, n in passes.items() if n[key]}
-                    for key in ("smoothing_muls", "static_activations")},
+                    for key in ("smoothing_muls", "static_activations", "fused_matmuls")},
                     **({"static_margin": STATIC_MARGIN} if static else {})}}
                    if v == "int8" and smooth else {})}
         recorded = manifest.setdefault("variants", {})
