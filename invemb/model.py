@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from invemb.config import ModelConfig
 from invemb.decoders import build_decoder
-from invemb.embedder import EmbedderBase
+from invemb.embedder import ENCODE_MAX_TOKENS, EmbedderBase
 from invemb.encoder import SentenceEncoder, load_backbone, load_tokenizer
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig, log_softmax, reorder_rows
@@ -133,10 +133,11 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
 
     # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False,
+               max_tokens: int | None = ENCODE_MAX_TOKENS) -> np.ndarray:
         """Texts -> float32 [B,S] (EmbedderBase.encode in eval mode, without autograd)."""
         self.eval()
-        return super().encode(texts, batch_size, progress)
+        return super().encode(texts, batch_size, progress, max_tokens)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         batch = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}  # [b,T] x2

@@ -41,16 +41,24 @@ def tokenize_texts(tokenizer, texts: Sequence[str] | str, max_length: int, retur
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def length_sorted_batches(texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None
-                          ) -> list[np.ndarray]:
+def length_sorted_batches(texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None,
+                          max_tokens: int | None = None) -> list[np.ndarray]:
     """Row indices of `texts` in batches of similar length, so a batch pads to its own longest text instead of a
     random long one (headlines: ~1.4x faster encoding). `lengths`: each text's token count when the caller has the
     tokenizer (256 validation headlines in batches of 64 pad to 1.14x their tokens; sorted by characters, the
-    cheap proxy used without it, 1.33x; unsorted 1.50x). Callers write each batch's results back at its indices:
-    the output order is the input order."""
-    key = [len(t) for t in texts] if lengths is None else lengths
-    order = np.argsort(np.array(key, dtype=np.int64), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    cheap proxy used without it, 1.33x; unsorted 1.50x). `max_tokens`: a batch also ends before rows x its longest
+    length would pass this (one row always fits). Callers write each batch's results back at its indices: the
+    output order is the input order."""
+    key = np.array([len(t) for t in texts] if lengths is None else lengths, dtype=np.int64)
+    order = np.argsort(key, kind="stable")
+    if not max_tokens:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    for i in range(1, len(order) + 1):  # ascending lengths: the row being added is the batch's longest
+        if i == len(order) or i - start == batch_size or (i + 1 - start) * key[order[i]] > max_tokens:
+            batches.append(order[start:i])
+            start = i
+    return batches
 
 
 _NO_SPACE_BEFORE = re.compile(r" ([.,!?:;%)\]}])")

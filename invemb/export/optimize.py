@@ -11,7 +11,7 @@ Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, va
         output projection is quantised too); the encoder's activation outliers are smoothed into its weights
         first (SmoothQuant, smooth_activations) and its activations get fixed calibrated ranges
         (static_activations: a vector does not depend on the other texts of its batch; --no-smooth turns both
-        off). The decoders' activations stay per batch (dynamic): with them a text can depend on its batch. CPU.
+        off), and its integer MatMuls are fused with their scales and biases (fuse_integer_matmuls). The decoders' activations stay per batch (dynamic): with them a text can depend on its batch. CPU.
   int8_encoder (made with int8) the int8 encoder with the fp32 decoder graphs: the encode path's int8, what a
         Triton repository serves by default (export/to_onnx.py --triton-repo; --triton-encoder fp32 opts out).
   fp16  fp16 weights/compute with fp32 inputs/outputs (keep_io_types), for a GPU; no speed-up on a CPU.
