@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from invemb.generation import GenerationConfig, Hypothesis, beam_search, cut_at_eos, generate, generation_config
-from invemb.text import check_vectors, clean_texts, detokenize_ids, length_sorted_batches
+from invemb.text import check_vectors, clean_texts, detokenize_ids, length_sorted_batches, token_counts
 
 
 # padded tokens per encode batch at most (and batch_size texts): after sorting by token count, smaller batches of
@@ -58,7 +58,7 @@ class EmbedderBase:
         out = np.zeros((len(texts), self.sentence_dim), np.float32)
         # batches of similar TOKEN counts (less padding; a fast tokenizer's pass costs <1% of an encode); rows are
         # written back in input order
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        lengths = token_counts(self.tokenizer, texts, self.max_length)
         for rows in tqdm(length_sorted_batches(texts, batch_size, lengths, max_tokens), disable=not progress,
                          desc="encode", unit="batch"):
             out[rows] = self._encode_batch([texts[r] for r in rows])

@@ -41,6 +41,14 @@ def tokenize_texts(tokenizer, texts: Sequence[str] | str, max_length: int, retur
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def token_counts(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
+    """Tokens per text (specials included, truncated at max_length). The same tokenizer settings as tokenize_texts
+    on purpose: a fast tokenizer keeps padding/truncation as state on the shared object, so a call with other
+    settings (e.g. no padding) from one thread un-pads another thread's batch mid-call (seen: ragged ids)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_overflowing_tokens=False)
+    return [int(sum(m)) for m in enc["attention_mask"]]
+
+
 def length_sorted_batches(texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None,
                           max_tokens: int | None = None) -> list[np.ndarray]:
     """Row indices of `texts` in batches of similar length, so a batch pads to its own longest text instead of a

@@ -1,5 +1,6 @@
 """A toy model memorises 32 real headlines; save/load is exact; bad input gives clear errors."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +132,35 @@ def test_encode_batches_by_token_count_and_keeps_input_order(toy_model, headline
     counts = [[int(m.sum()) for m in toy_model.tokenize(b)["attention_mask"]] for b in seen]
     assert sorted(sum(seen, [])) == sorted(texts) and [len(b) for b in seen] == [4, 4, 4, 2]
     assert all(max(a) <= min(b) for a, b in zip(counts, counts[1:])), counts
+
+
+def test_encode_from_many_threads_gives_the_serial_vectors(toy_model, headlines32):
+    """Servers and thread pools share one embedder: encode's token counting must not change the shared fast
+    tokenizer's padding state under another thread's batch (it did: ragged ids, 'setting an array element with a
+    sequence'). A backend as fast as ONNX Runtime's (tokenization is most of its time) makes the calls overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from invemb.embedder import EmbedderBase
+    from invemb.text import tokenize_texts
+
+    class Fast(EmbedderBase):
+        sentence_dim, max_length, tokenizer = 3, 40, toy_model.tokenizer
+
+        def _encode_batch(self, texts):
+            enc = tokenize_texts(self.tokenizer, texts, self.max_length)  # [b,T] x2
+            return np.stack([enc["attention_mask"].sum(1), enc["input_ids"].sum(1), enc["input_ids"][:, 1]], 1
+                            ).astype(np.float32)  # [b,3]
+
+    emb = Fast()
+    batches = [headlines32[i:i + 4] for i in range(0, 32, 4)] * 8
+    ref = [emb.encode(b) for b in batches]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # frequent thread switches: the old code failed 4 rounds of 5 like this
+    try:
+        for _ in range(5):
+            with ThreadPoolExecutor(8) as ex:
+                got = list(ex.map(emb.encode, batches))
+            for a, b in zip(got, ref):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        sys.setswitchinterval(interval)
