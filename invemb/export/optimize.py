@@ -11,7 +11,8 @@ Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, va
         output projection is quantised too); the encoder's activation outliers are smoothed into its weights
         first (SmoothQuant, smooth_activations) and its activations get fixed calibrated ranges
         (static_activations: a vector does not depend on the other texts of its batch; --no-smooth turns both
-        off), and its integer MatMuls are fused with their scales and biases (fuse_integer_matmuls). The decoders' activations stay per batch (dynamic): with them a text can depend on its batch. CPU.
+        off), and its integer MatMuls are fused with their scales and biases (fuse_integer_matmuls). The
+        decoders' activations stay per batch (dynamic): with them a text can depend on its batch. CPU.
   int8_encoder (made with int8) the int8 encoder with the fp32 decoder graphs: the encode path's int8, what a
         Triton repository serves by default (export/to_onnx.py --triton-repo; --triton-encoder fp32 opts out).
   fp16  fp16 weights/compute with fp32 inputs/outputs (keep_io_types), for a GPU; no speed-up on a CPU.
@@ -140,7 +141,7 @@ def fuse_integer_matmuls(model) -> int:
     this one, so the static graph wrote every int32 product to memory three times (MatMulInteger, Cast, Mul) and
     the biases of the query/key/value projections once more; the fused kernel applies scale and bias inside the
     GEMM. Same arithmetic (int32 sums times the product of the scales, plus the bias). Returns the fusions made."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -169,7 +170,7 @@ def fuse_integer_matmuls(model) -> int:
         inputs, out, gone = [mm.input[0], mm.input[1], a_scale, b_scale, mm.input[2], mm.input[3]], mul.output[0], []
         add = only_consumer(out, "Add")
         bias = add and next((i for i in add.input if i != out), None)
-        if bias in inits and list(inits[bias].dims) == [numpy_helper.to_array(inits[mm.input[1]]).shape[-1]]:
+        if bias in inits and list(inits[bias].dims) == list(inits[mm.input[1]].dims[-1:]):  # [N] of weight [K,N]
             inputs.append(bias)
             out, gone = add.output[0], [add]
         mm.CopyFrom(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{mm.name}.to_float",
