@@ -56,8 +56,9 @@ class EmbedderBase:
         from tqdm.auto import tqdm
         texts = clean_texts(texts)  # an empty text is an error naming its position in `texts`, not in a batch
         out = np.zeros((len(texts), self.sentence_dim), np.float32)
-        # batches of similar TOKEN counts (less padding; a fast tokenizer's pass costs <1% of an encode); rows are
-        # written back in input order
+        # batches of similar TOKEN counts (less padding); rows are written back in input order. Counting is a second
+        # tokenizer pass (each batch is tokenized again by _encode_batch): 25 ms per 256 headlines, ~4% of an int8
+        # encode, against x1.36-1.5 from the sorting
         lengths = token_counts(self.tokenizer, texts, self.max_length)
         for rows in tqdm(length_sorted_batches(texts, batch_size, lengths, max_tokens), disable=not progress,
                          desc="encode", unit="batch"):
