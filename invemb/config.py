@@ -92,6 +92,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps (the cosine horizon)
     max_minutes: float = 0.0  # > 0: also stop (validate, save, finish) after this many minutes in this process
+    fit_to_time: bool = False  # with max_minutes + cosine: the schedule's length follows the measured pace, so the
+    # learning rate reaches min_lr at the deadline instead of being cut off mid-schedule
     batch_size: int = 128  # global batch (all ranks, before gradient accumulation)
     grad_accum: int = 1
     lr: float = 1e-4
@@ -131,6 +133,7 @@ class TrainConfig:
     augment_splices: int = 0  # splices of each training headline with another (first words + another's last words)
     splice_rounds: int = 1  # independent draws of augment_splices per headline (round r: seed + r), cached apart
     cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
+    gpu_bf16: bool = True  # plain engine on a GPU with bf16: bf16 autocast (false: fp32, e.g. to match CPU numerics)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:

@@ -160,3 +160,20 @@ def test_cpu_bf16_engine_autocasts_only_where_the_cpu_has_bf16(monkeypatch):
         assert all(p.dtype == torch.float32 for p in model.parameters())
     cfg_off = dataclasses.replace(cfg, cpu_bf16=False)
     assert eng_mod.PlainEngine(Objective(InvertibleEmbedder(cfg.model)).train(), cfg_off).bf16 is False
+
+
+def test_gpu_bf16_is_the_recipes_choice_where_the_gpu_has_bf16(monkeypatch):
+    """autocast_bf16: on a GPU, bf16 autocast follows gpu_bf16 (default on) where the GPU has bf16, never where it
+    lacks it; the CPU rule (cpu_bf16 AND native bf16) is separate from it."""
+    import dataclasses
+
+    from invemb.training import engine as eng_mod
+    cfg = preset("toy")
+    assert cfg.gpu_bf16 is True
+    for gpu_has, cpu_has in ((True, False), (False, True)):
+        monkeypatch.setattr(eng_mod, "bf16_available", lambda: gpu_has)
+        monkeypatch.setattr(eng_mod, "cpu_bf16_available", lambda: cpu_has)
+        assert eng_mod.autocast_bf16(cfg, "cuda") is gpu_has
+        assert eng_mod.autocast_bf16(dataclasses.replace(cfg, gpu_bf16=False), "cuda") is False
+        assert eng_mod.autocast_bf16(cfg, "cpu") is False  # cpu_bf16 is off in the preset
+        assert eng_mod.autocast_bf16(dataclasses.replace(cfg, cpu_bf16=True), "cpu") is cpu_has

@@ -159,3 +159,50 @@ def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path)
     from invemb.training.ship import write_card
     card = write_card(shipped).read_text()
     assert card.count(f"| {cpu_name()}, ") == 2, card  # one machine cell per lineage row
+
+
+def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
+    """fit_to_time: the schedule's length is the steps the pace so far fits before max_minutes (capped by
+    max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way."""
+    import types
+
+    from invemb.config import preset
+    from invemb.training import loop
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "time", lambda: clock[0])
+    t = loop.Trainer.__new__(loop.Trainer)
+    t.cfg = preset("toy")
+    t.cfg.max_minutes, t.cfg.fit_to_time, t.cfg.lr_schedule, t.cfg.warmup_steps = 2.0, True, "cosine", 0
+    t.t_start, t.first_step, t.total_cap, bar = 1000.0, 40, 10 ** 6, types.SimpleNamespace(total=None)
+    t.step, clock[0] = 140, 1030.0  # 100 steps in 30 s of a 120 s budget: 300 more fit
+    t._fit_total_to_time(bar)
+    assert t.total == 440 and bar.total == 440
+    assert t._lr_at(440) == pytest.approx(t.cfg.min_lr)  # the cosine ends where the time does
+    assert t._lr_at(439) - t.cfg.min_lr < 1e-4 * (t.cfg.lr - t.cfg.min_lr)  # the last step that fits: ~min_lr
+    t.step, clock[0] = 240, 1090.0  # slower since (200 steps in 90 s): the end moves closer
+    t._fit_total_to_time(bar)
+    assert t.total == 240 + int(30 * 200 / 90)
+    t.total_cap = 250  # never beyond max_steps / epochs
+    t._fit_total_to_time(bar)
+    assert t.total == 250
+    t.total_cap, clock[0] = 10 ** 6, 2000.0  # past the deadline: the schedule ends at the next step
+    t._fit_total_to_time(bar)
+    assert t.total == 241
+
+
+def test_a_gpu_runs_lineage_entry_names_its_gpu(uninterrupted, tmp_path):
+    """A checkpoint taken on a GPU (its loop state names the accelerator): the lineage row names the GPU instead
+    of this CPU, counts the run's wall hours as GPU hours, and the card sums the GPU minutes."""
+    from invemb.training.ship import ship, write_card
+    run = tmp_path / "gpu"
+    shutil.copytree(uninterrupted, run)
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((ckpt / "invemb_state.json").read_text())
+    assert state["device"] == "cpu" and "accelerator" not in state  # what a CPU run records
+    state.update(device="cuda", accelerator="NVIDIA H200", wall_total_s=600.0)
+    (ckpt / "invemb_state.json").write_text(json.dumps(state))
+    shipped = ship(run, tmp_path / "models" / "gpu-shipped")
+    entry = json.loads((shipped / "config.json").read_text())["info"]["history"][-1]
+    assert entry["machine"] == "1 x NVIDIA H200 (GPU)" and entry["gpu_hours"] == pytest.approx(600 / 3600, abs=1e-3)
+    card = write_card(shipped).read_text()
+    assert "| 1 x NVIDIA H200 (GPU) |" in card and "10.0 GPU minutes in all" in card, card

@@ -42,6 +42,14 @@ def cpu_bf16_available() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def autocast_bf16(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether the plain engine runs its steps under bf16 autocast: on a GPU with bf16 unless the recipe says
+    gpu_bf16: false (fp32, e.g. to train with the CPU's numerics), on a CPU only with native bf16 and cpu_bf16."""
+    if device_type == "cuda":
+        return bool(cfg.gpu_bf16 and bf16_available())
+    return bool(cfg.cpu_bf16 and cpu_bf16_available())
+
+
 def load_ds_config(cfg: TrainConfig, world: int) -> dict:
     """Read the DeepSpeed JSON and fill batch/accumulation/clipping/bf16 from the recipe (the one source of truth).
 
@@ -144,15 +152,16 @@ class EngineBase:
 
 
 class PlainEngine(EngineBase):
-    """One process: torch AdamW + grad clipping + accumulation; bf16 autocast on a GPU that has it, and on a CPU
-    with native bf16 matmuls when the recipe asks (cpu_bf16); the weights and the optimizer stay fp32."""
+    """One process: torch AdamW + grad clipping + accumulation; bf16 autocast on a GPU that has it (unless the
+    recipe says gpu_bf16: false), and on a CPU with native bf16 matmuls when the recipe asks (cpu_bf16); the weights
+    and the optimizer stay fp32."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainConfig):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.module = module.to(self.device)
         self.optimizer, self.scheduler = _optimizer(module, cfg)
-        self.bf16 = bf16_available() if self.device.type == "cuda" else (cfg.cpu_bf16 and cpu_bf16_available())
+        self.bf16 = autocast_bf16(cfg, self.device.type)
         self.micro = 0
 
     def forward(self, **batch) -> dict:

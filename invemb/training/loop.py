@@ -27,6 +27,7 @@ from invemb.training.run_outputs import RunLogger, examples_table, git_hash, mak
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
+FIT_EVERY = 50  # steps between re-estimates of the schedule's length under fit_to_time
 MAX_PARAPHRASES = 5
 
 
@@ -226,7 +227,8 @@ class Trainer:
         self.setup()
         cfg, eng = self.cfg, self.eng
         per_epoch = len(self.train_texts) // cfg.batch_size // cfg.grad_accum
-        self.total = min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch)
+        self.total = self.total_cap = min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch)
+        self.first_step = self.step
         stop_at = self.args.stop_after_steps
         bar = tqdm(total=self.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
         self.t_start, self.cpu_start = time.time(), time.process_time()
@@ -246,6 +248,8 @@ class Trainer:
                     continue
                 self.step += 1
                 bar.update(1)
+                if cfg.fit_to_time and cfg.max_minutes > 0 and self.step % FIT_EVERY == 0:
+                    self._fit_total_to_time(bar)
                 out_of_time = cfg.max_minutes > 0 and time.time() - self.t_start >= 60 * cfg.max_minutes
                 epoch_end, last = bi + 1 == len(batches), self.step >= self.total or out_of_time
                 if self.step % cfg.log_every == 0 or last:
@@ -272,6 +276,17 @@ class Trainer:
             break  # the inner loop broke (last step, out of time): leave the epoch loop too
         bar.close()
         self._finish()
+
+    def _fit_total_to_time(self, bar) -> None:
+        """fit_to_time: shrink self.total (the cosine's end) to the steps that the pace so far in this process
+        (validation and saves included) fits before max_minutes; never beyond max_steps / epochs. Re-estimated
+        every FIT_EVERY steps, so a change of pace moves the end of the schedule, not the deadline."""
+        done = self.step - self.first_step
+        elapsed = time.time() - self.t_start
+        left = max(0.0, 60 * self.cfg.max_minutes - elapsed)
+        fitted = self.step + int(left * done / max(elapsed, 1e-9))
+        self.total = max(self.step + 1, min(self.total_cap, fitted))
+        bar.total = self.total
 
     def _train(self, mode: bool) -> None:
         (self.eng.engine if isinstance(self.eng, DeepSpeedEngine) else self.eng.module).train(mode)
@@ -368,7 +383,9 @@ class Trainer:
         state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.world,
                  "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
                  "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage,
-                 "train_headlines": len(self.train_texts), **self._time_totals()}
+                 "train_headlines": len(self.train_texts), "device": self.device.type, **self._time_totals()}
+        if self.device.type == "cuda":  # the model card names the GPU of a GPU run (its wall hours = GPU hours)
+            state["accelerator"] = torch.cuda.get_device_name(self.device)
         self.eng.save(self.ckpt_dir, tag, state)
         if self.main:
             prune(self.ckpt_dir, KEEP_CHECKPOINTS, tag)

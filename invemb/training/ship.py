@@ -85,8 +85,11 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
              "steps_cumulative": base_steps + state["step"], "epochs_this_run": epochs,
              "wall_hours": round(wall_h, 3), "cpu_hours": round(cpu_h, 3),
              "cpu_hours_cumulative": round(base_cpu + cpu_h, 3), "init_from": init_from or None,
-             # each run's own CPU: a lineage spans machines (CPU hours on an AMX Xeon and an EPYC differ in worth)
-             "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+             # each run's own CPU: a lineage spans machines (CPU hours on an AMX Xeon and an EPYC differ in worth);
+             # a GPU run names its GPU, and its wall hours are GPU hours (cpu_hours: its host process's CPU time)
+             "machine": (f"1 x {state['accelerator']} (GPU)" if state.get("accelerator")
+                         else f"{cpu_name()}, {os.cpu_count()} cores"),
+             "gpu_hours": round(wall_h, 3) if state.get("accelerator") else 0.0,
              "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
     if metrics:
         entry["metrics"] = card_metrics(metrics)
@@ -183,8 +186,9 @@ def write_card(folder: Path) -> Path:
         "## Training", "",
         "- Data: Kaggle Financial News Headlines (CNBC, Guardian, Reuters 2017-2020), 53,157 unique headlines, "
         "seeded 90/10 split (seed 0); the newest 30 days (by the Time column) are held out of training.",
-        f"- Recipe: `train/configs/minilm-mq16.yaml` (feature cache, length-bucketed batches, AdamW lr "
-        f"{recipe.get('lr')}, cosine, sampled softmax {recipe.get('sampled_softmax')} negatives"
+        f"- Recipe: `train/configs/minilm-mq16.yaml` ("
+        + ("feature cache" if recipe.get("feature_cache") else "live frozen backbone")
+        + f", length-bucketed batches, AdamW lr {recipe.get('lr')}, cosine, sampled softmax {recipe.get('sampled_softmax')} negatives"
         + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
            if recipe.get("augment_crops") else "")
         + (f", {recipe['augment_splices']} splices of every training headline with another (its first words + the "
@@ -195,7 +199,10 @@ def write_card(folder: Path) -> Path:
         + (f", vector noise {recipe['noise_sigma']} x RMS" if recipe.get("noise_sigma") else "")
         + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
         + "). Epochs count the training texts of the run (headlines + crops + splices).",
-        f"- Machines: each run's CPU is in the table (no GPU in any); shipped on {info.get('machine', '?')}.", "",
+        f"- Machines: each run's machine is in the table; " + (
+            f"GPU runs: {sum(h.get('gpu_hours', 0.0) for h in hist) * 60:.1f} GPU minutes in all (their wall hours; "
+            "their CPU h is the GPU host process's CPU time)" if any(h.get("gpu_hours") for h in hist)
+            else "no GPU in any") + f"; shipped on {info.get('machine', '?')}.", "",
         "| date | run | machine | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in hist:
