@@ -164,9 +164,12 @@ def render(res: dict, seconds: float) -> str:
     from invemb.fidelity import REPORT_ROWS
     val, new = res["val"], res["newest"]
     hist = res["history"][-1] if res["history"] else {}
+    gpu_min = 60 * sum(h.get("gpu_hours", 0.0) for h in res["history"] or [])
+    gpu = (f" plus {gpu_min:.1f} GPU minutes (the GPU runs of the model card's lineage: results/gpu_run.md)"
+           if gpu_min else "")
     lines = ["# Fidelity of the shipped model", "",
              f"Model: `{res['model']}`; {hist.get('steps_cumulative', '?')} training steps, "
-             f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch. Machine: {res['machine']} "
+             f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch{gpu}. Machine: {res['machine']} "
              f"(no GPU). Command: `{res['command']}` ({seconds / 60:.0f} min).", "",
              "References are the inputs after the tokenizer (lower-cased WordPiece text): what a perfect "
              "reconstruction reads. token_acc = generated-token positional accuracy (the report's 'token "
