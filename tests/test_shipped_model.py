@@ -11,7 +11,7 @@ from conftest import REPO
 SHIPPED = REPO / "models" / "invemb-minilm-s768"
 N = 48  # the first N headlines of the seed-0 validation split
 # measured on these 48 (beam 4) for the shipped model, minus a margin; raise them when a better model ships
-THRESHOLDS = {"exact_match": 0.25, "bleu": 60.0}  # measured 2026-12-02 (44,450 steps): 0.333 exact, BLEU 67.7
+THRESHOLDS = {"exact_match": 0.33, "bleu": 70.0}  # measured 2026-12-04 (92,096 steps): 0.396 exact (19/48), BLEU 76.4
 
 
 @pytest.fixture(scope="module")
