@@ -160,6 +160,9 @@ class TrainConfig:
             raise InvembError(f"word_dropout must be in [0, 1), got {cfg.word_dropout}")
         if cfg.augment_crops < 0 or cfg.crop_min_words < 1 or cfg.augment_splices < 0 or cfg.splice_rounds < 1:
             raise InvembError("augment_crops and augment_splices must be >= 0, crop_min_words and splice_rounds >= 1")
+        if cfg.fit_to_time and (cfg.max_minutes <= 0 or cfg.lr_schedule != "cosine"):
+            raise InvembError("fit_to_time fits the cosine schedule to max_minutes: it needs lr_schedule: cosine and "
+                              f"max_minutes > 0 (got {cfg.lr_schedule!r}, {cfg.max_minutes})")
         if cfg.feature_cache and not cfg.model.encoder.freeze_backbone:
             raise InvembError("feature_cache needs model.encoder.freeze_backbone: true (a trained backbone changes)")
         return cfg

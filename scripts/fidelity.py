@@ -164,7 +164,8 @@ def render(res: dict, seconds: float) -> str:
     from invemb.fidelity import REPORT_ROWS
     val, new = res["val"], res["newest"]
     hist = res["history"][-1] if res["history"] else {}
-    gpu_min = 60 * sum(h.get("gpu_hours", 0.0) for h in res["history"] or [])
+    from invemb.training.ship import gpu_minutes
+    gpu_min = gpu_minutes(res["history"] or [])
     gpu = (f" plus {gpu_min:.1f} GPU minutes (the GPU runs of the model card's lineage: results/gpu_run.md)"
            if gpu_min else "")
     lines = ["# Fidelity of the shipped model", "",

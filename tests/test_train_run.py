@@ -188,6 +188,11 @@ def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     t.total_cap, clock[0] = 10 ** 6, 2000.0  # past the deadline: the schedule ends at the next step
     t._fit_total_to_time(bar)
     assert t.total == 241
+    from invemb.config import TrainConfig
+    from invemb.errors import InvembError
+    for bad in ({"max_minutes": 0}, {"max_minutes": 5, "lr_schedule": "plateau"}):  # nothing to fit: an error
+        with pytest.raises(InvembError, match="fit_to_time"):
+            TrainConfig.from_dict({"preset": "toy", "lr_schedule": "cosine", "fit_to_time": True, **bad})
 
 
 def test_a_gpu_runs_lineage_entry_names_its_gpu(uninterrupted, tmp_path):

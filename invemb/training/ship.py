@@ -77,6 +77,7 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
         prev_curve = prev_curve[:len(prev_curve) - history_points]
     base_cpu = history[-1]["cpu_hours_cumulative"] if history else 0.0
     base_steps = history[-1]["steps_cumulative"] if history else 0
+    gpu = state.get("accelerator")  # set by a checkpoint taken on a GPU
     cpu_h = float(state.get("cpu_total_s", 0.0)) / 3600
     wall_h = float(state.get("wall_total_s", 0.0)) / 3600
     n_train = state.get("train_headlines")
@@ -87,9 +88,8 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
              "cpu_hours_cumulative": round(base_cpu + cpu_h, 3), "init_from": init_from or None,
              # each run's own CPU: a lineage spans machines (CPU hours on an AMX Xeon and an EPYC differ in worth);
              # a GPU run names its GPU, and its wall hours are GPU hours (cpu_hours: its host process's CPU time)
-             "machine": (f"1 x {state['accelerator']} (GPU)" if state.get("accelerator")
-                         else f"{cpu_name()}, {os.cpu_count()} cores"),
-             "gpu_hours": round(wall_h, 3) if state.get("accelerator") else 0.0,
+             "machine": f"1 x {gpu} (GPU)" if gpu else f"{cpu_name()}, {os.cpu_count()} cores",
+             "gpu_hours": round(wall_h, 3) if gpu else 0.0,
              "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
     if metrics:
         entry["metrics"] = card_metrics(metrics)
@@ -110,6 +110,11 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
         raise InvembError(f"{out / 'model.safetensors'} is {size / 2 ** 20:.1f} MB (> 25 MB)")
     InvertibleEmbedder.from_pretrained(out)  # it must load offline
     return out
+
+
+def gpu_minutes(history: list[dict]) -> float:
+    """GPU minutes of a lineage (the wall hours of its GPU runs); 0.0 for an all-CPU one."""
+    return 60 * sum(h.get("gpu_hours", 0.0) for h in history)
 
 
 def card_metrics(metrics: dict) -> dict:
@@ -188,7 +193,8 @@ def write_card(folder: Path) -> Path:
         "seeded 90/10 split (seed 0); the newest 30 days (by the Time column) are held out of training.",
         f"- Recipe: `train/configs/minilm-mq16.yaml` ("
         + ("feature cache" if recipe.get("feature_cache") else "live frozen backbone")
-        + f", length-bucketed batches, AdamW lr {recipe.get('lr')}, cosine, sampled softmax {recipe.get('sampled_softmax')} negatives"
+        + f", length-bucketed batches, AdamW lr {recipe.get('lr')}, cosine, sampled softmax "
+          f"{recipe.get('sampled_softmax')} negatives"
         + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
            if recipe.get("augment_crops") else "")
         + (f", {recipe['augment_splices']} splices of every training headline with another (its first words + the "
@@ -200,9 +206,10 @@ def write_card(folder: Path) -> Path:
         + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
         + "). Epochs count the training texts of the run (headlines + crops + splices).",
         f"- Machines: each run's machine is in the table; " + (
-            f"GPU runs: {sum(h.get('gpu_hours', 0.0) for h in hist) * 60:.1f} GPU minutes in all (their wall hours; "
-            "their CPU h is the GPU host process's CPU time)" if any(h.get("gpu_hours") for h in hist)
-            else "no GPU in any") + f"; shipped on {info.get('machine', '?')}.", "",
+            f"GPU runs: {gpu_minutes(hist):.1f} GPU minutes in all (their wall hours; their CPU h is the GPU host "
+            "process's CPU time)" if gpu_minutes(hist) else "no GPU in any")
+        + f"; shipped on {info.get('machine', '?')}.",
+        "",
         "| date | run | machine | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in hist:
