@@ -59,6 +59,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_isa() -> str:
+    """The x86 vector extensions that decide ONNX Runtime's / oneDNN's kernels, e.g. "AVX-512 VNNI, AVX-512 BF16"
+    or "AVX2": int8 GEMMs run ~2x faster with VNNI, so benchmark ratios name it (results/bench_export.md)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    names = [("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"), ("amx_int8", "AMX"),
+             ("avx_vnni", "AVX-VNNI")]
+    found = [name for flag, name in names if flag in flags]
+    if not found:
+        found = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"]
+    return ", ".join(found)
+
+
 def describe_machine(extra: str = "") -> str:
     """One line: CPU, cores, OS/arch[, extra], no GPU unless torch sees one."""
     gpu = "no GPU"

@@ -1,7 +1,8 @@
 """Speed of the exported model on this machine, all numbers from ONE run (ratios are what to compare):
 
   encode   sentences/s: PyTorch eager vs ONNX Runtime fp32 vs ORT int8 (fused + smoothed dynamic int8),
-           length-sorted vs unsorted batches, encoder exported by TorchScript (default) vs dynamo
+           length-sorted vs unsorted batches, encoder exported by TorchScript (default) vs dynamo, int8 encoder
+           with vs without SkipLayerNormalization fusions
   decode   headlines/s, beam search (beam 4): PyTorch (TorchStepper) vs ORT over full log_probs rows vs ORT over
            the graphs' top-k outputs (the default) vs ORT int8 (top-k) vs the one-call BeamSearch-op graph
   steps    KV-cached step decoding vs full recompute (PyTorch re-running decoder.forward on the whole prefix at
@@ -22,11 +23,12 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from invemb.util import best_of, cpu_name
+from invemb.util import best_of, cpu_isa, cpu_name
 
 
 def best_time(fn, repeats: int) -> float:
@@ -103,6 +105,10 @@ def run(args) -> dict:
             one_call = OneCallDecoder(onnx_dir, threads=args.threads)
         ort32 = OnnxEmbedder(onnx_dir, threads=args.threads)
         ort8 = OnnxEmbedder(onnx_dir, threads=args.threads, variant="int8")
+        skip_dir = Path(tmp) / "onnx_skip_layer_norm"  # the int8 encoder as written before SkipLayerNorm was dropped
+        shutil.copytree(onnx_dir, skip_dir)
+        optimize.make_variants(skip_dir, ("int8",), encoder_only=True, fuse_skip_layer_norm=True)
+        skip8 = OnnxEmbedder(skip_dir, threads=args.threads, variant="int8_encoder")
         dyn_dir = Path(tmp) / "onnx_dynamo_encoder"  # the encoder through the dynamo exporter (the other choice)
         with to_onnx.quiet_exporter():
             to_onnx.export_model(model, dyn_dir, encoder_exporter="dynamo")
@@ -115,13 +121,19 @@ def run(args) -> dict:
                 with torch.inference_mode():  # what model.encode does around its batches
                     return [emb._encode_batch(enc_texts[i:i + 64]) for i in range(0, len(enc_texts), 64)]
             return run
-        enc = {"torch": best_time(lambda: model.encode(enc_texts, batch_size=64), r),
-               "ort": best_time(lambda: ort32.encode(enc_texts, batch_size=64), r),
-               "ort_int8": best_time(lambda: ort8.encode(enc_texts, batch_size=64), r),
-               "torch_unsorted": best_time(unsorted(model), r), "ort_unsorted": best_time(unsorted(ort32), r),
-               "ort_int8_unsorted": best_time(unsorted(ort8), r),
-               "ort_dynamo": best_time(lambda: dyn32.encode(enc_texts, batch_size=64), r),
-               "ort_int8_dynamo": best_time(lambda: dyn8.encode(enc_texts, batch_size=64), r)}
+        def sorted_(emb):
+            return lambda: emb.encode(enc_texts, batch_size=64)
+        arms = {"torch": sorted_(model), "ort": sorted_(ort32), "ort_int8": sorted_(ort8),
+                "torch_unsorted": unsorted(model), "ort_unsorted": unsorted(ort32), "ort_int8_unsorted": unsorted(ort8),
+                "ort_dynamo": sorted_(dyn32), "ort_int8_dynamo": sorted_(dyn8),
+                "ort_int8_skip_layer_norm": sorted_(skip8)}
+        # interleaved like the decode arms (a slow spell of a shared machine hits every arm, not one): each round
+        # times every arm once; 3 x repeats rounds, as one encode call is short (0.2-2 s); the best of each is kept
+        enc_runs = {k: [] for k in arms}
+        for _ in range(3 * r):
+            for k, fn in arms.items():
+                enc_runs[k].append(best_time(fn, 1))
+        enc = {k: min(v) for k, v in enc_runs.items()}
         vecs = model.encode(dec_texts)
         dr = max(1, r - 1)
         ort_rows = OnnxEmbedder(onnx_dir, threads=args.threads)
@@ -169,7 +181,7 @@ def run(args) -> dict:
     cfg = model.config
     return {
         "command": "python scripts/bench_export.py " + shlex.join(args.argv),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
+        "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "threads": args.threads,
@@ -197,12 +209,13 @@ def to_markdown(res: dict) -> str:
     lines = [
         "# Export benchmark: PyTorch eager vs ONNX Runtime (one run, same machine)", "",
         f"- command: `{res['command']}`",
-        f"- machine: {m['cpu']}, {m['cores']} cores (shared with other jobs: 1-min load {m['load_avg_1m_at_end']:.1f} "
+        f"- machine: {m['cpu']}{' (' + m['isa'] + ')' if m.get('isa') else ''}, {m['cores']} cores (shared with other jobs: 1-min load {m['load_avg_1m_at_end']:.1f} "
         f"at the end); Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
         f"{res['threads']} thread(s) for torch and ORT",
         f"- model: {res['model']['source']}: {res['model']['backbone']} -> S={res['model']['sentence_dim']}, "
         f"{res['model']['decoder']}, vocab {res['model']['vocab']}, max_length {res['model']['max_length']}",
-        "- timings: best of repeats after a warm-up; ratios are within this run", "",
+        "- timings: best of interleaved rounds after a warm-up (encode: 3 x repeats rounds); ratios are within this "
+        "run", "",
         "| task | PyTorch eager | ORT fp32 | ORT int8 | ORT / eager | ORT int8 / eager |", "|---|---|---|---|---|---|",
         f"| encode, sentences/s ({e['n']} headlines, batch {e['batch_size']}) | {e['torch_per_s']:.1f} | "
         f"{e['ort_per_s']:.1f} | {e['ort_int8_per_s']:.1f} | x{e['ort_speedup']:.2f} | x{e['ort_int8_speedup']:.2f} |",
@@ -219,6 +232,10 @@ def to_markdown(res: dict) -> str:
                f"x{e['ort_int8_per_s'] / e['ort_int8_dynamo_per_s']:.2f})."
                " The int8 encoder is smoothed before quantisation (invemb/export/optimize.py smooth_activations)."]
           if "ort_dynamo_per_s" in e else []),
+        *(["", f"The int8 encoder as written before (12 SkipLayerNormalization fusions, whose ORT CPU kernel is ~8x "
+               f"slower than Add + LayerNormalization): {e['ort_int8_skip_layer_norm_per_s']:.1f}/s; without them "
+               f"x{e['ort_int8_per_s'] / e['ort_int8_skip_layer_norm_per_s']:.2f} (invemb/export/optimize.py "
+               "optimize_encoder)."] if "ort_int8_skip_layer_norm_per_s" in e else []),
         "", f"## Beam-4 decode, headlines/s ({d['n']} headlines, {d['mean_generated_tokens']:.1f} generated tokens "
         "on average; interleaved rounds, best of each)", "",
         "| PyTorch (full rows) | ORT fp32, full rows | ORT fp32, top-k graphs | ORT int8, top-k | ORT one-call graph "

@@ -4,8 +4,8 @@
                               [--no-smooth] [--report results/optimize_export.md] [--triton-repo R --place int8]
 
 Variants (listed in manifest.json "variants", loadable with OnnxEmbedder(dir, variant=NAME)):
-  opt   encoder.opt.onnx: ORT transformer fusions (onnxruntime.transformers.optimizer: SkipLayerNorm, BiasGelu,
-        LayerNorm; not Attention, see optimize_encoder); decoders unchanged.
+  opt   encoder.opt.onnx: ORT transformer fusions (onnxruntime.transformers.optimizer: BiasGelu, LayerNorm; not
+        SkipLayerNorm or Attention, see optimize_encoder); decoders unchanged.
   int8  dynamic int8 (onnxruntime.quantization.quantize_dynamic, MatMul/Gemm weights, per-channel) of the
         optimised encoder and of the decoder graphs (constant Transposes of weights folded first, so the tied
         output projection is quantised too); the encoder's activation outliers are smoothed into its weights
@@ -59,14 +59,20 @@ def fold_constant_transposes(model) -> int:
     return folded
 
 
-def optimize_encoder(src: Path, dst: Path, num_heads: int = 0, hidden_size: int = 0) -> dict:
+def optimize_encoder(src: Path, dst: Path, num_heads: int = 0, hidden_size: int = 0,
+                     fuse_skip_layer_norm: bool = False) -> dict:
     """ORT transformer fusions for a BERT-family encoder; returns the fused-operator counts (non-zero ones).
     Attention and EmbedLayerNormalization are not fused: on 2 CPU cores the fused Attention kernel was no faster
-    than the unfused graph for headline-length inputs, and quantize_dynamic cannot type the fused graph."""
+    than the unfused graph for headline-length inputs, and quantize_dynamic cannot type the fused graph.
+    SkipLayerNormalization is not fused: ORT's CPU kernel is ~8x slower than Add + LayerNormalization
+    (invemb.ort.CPU_DISABLED_OPTIMIZERS); measured on the shipped int8 encoder, 256 headlines, 1 thread, EPYC:
+    783 sentences/s with the 12 fusions, 993 without, 1,047 with ORT's own load-time fusion skipped too.
+    fuse_skip_layer_norm=True writes them anyway (the graph before; scripts/bench_export.py measures both)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     options = FusionOptions("bert")
     options.enable_attention = options.enable_embed_layer_norm = False
+    options.enable_skip_layer_norm = fuse_skip_layer_norm
     m = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
                        optimization_options=options)
     m.save_model_to_file(str(dst))
@@ -78,13 +84,14 @@ def _probe(model, names: list[str], feeds: list[dict]):
     import onnx
     import onnxruntime as ort
     from onnx import helper
-    from invemb.ort import session_options
+    from invemb.ort import CPU_DISABLED_OPTIMIZERS, session_options
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in have)
-    sess = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
     for feed in feeds:
         yield dict(zip(names, sess.run(names, feed)))
 
@@ -299,12 +306,12 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 
 def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smooth: bool = True,
-                  encoder_only: bool = False, static: bool = True) -> dict:
+                  encoder_only: bool = False, static: bool = True, fuse_skip_layer_norm: bool = False) -> dict:
     """Write the variant graphs next to the fp32 ones and record them in manifest.json (atomically). smooth: the
     int8 encoder is smoothed first (smooth_activations, calibrated on invemb.export.calibration); static: and its
     activations get fixed calibrated ranges (static_activations: a vector no longer depends on its batch). encoder_only:
     int8 quantises only the encoder and records only `int8_encoder` (what Triton's CPU encode serves by default:
-    export_checkpoint(triton_encoder="int8"))."""
+    export_checkpoint(triton_encoder="int8")). fuse_skip_layer_norm: see optimize_encoder (a benchmark's control)."""
     d = Path(export_dir)
     manifest = read_manifest(d)
     unknown = set(variants) - set(VARIANTS)
@@ -315,7 +322,7 @@ def make_variants(export_dir: str | os.PathLike, variants=("opt", "int8"), smoot
     passes: dict = {}  # graph -> quantize_int8's pass counts
     opt_encoder = d / "encoder.opt.onnx"
     if {"opt", "int8"} & set(variants):
-        fused = optimize_encoder(graphs["encoder"], opt_encoder)
+        fused = optimize_encoder(graphs["encoder"], opt_encoder, fuse_skip_layer_norm=fuse_skip_layer_norm)
     for v in variants:
         files = {}
         if v == "opt":
