@@ -134,6 +134,25 @@ def test_encode_batches_by_token_count_and_keeps_input_order(toy_model, headline
     assert all(max(a) <= min(b) for a, b in zip(counts, counts[1:])), counts
 
 
+def test_tokenizing_in_chunks_equals_one_call(toy_model, headlines32, monkeypatch):
+    """tokenize_texts tokenizes big lists a chunk at a time (one call over 2.7M training texts was killed for
+    memory); the result is the one-call result: every row padded to the longest of ALL texts, ids and masks
+    unchanged, same dtype and type (torch / numpy), also when a chunk's longest text is shorter than another's."""
+    from invemb import text
+    texts = ["Stocks rise"] * 3 + headlines32[:9] + ["Q3 EPS: $1.02 vs $0.97, rev $4.1B " * 3]  # longest last
+    n = toy_model.config.encoder.max_length
+    whole_pt, whole_np = toy_model.tokenize(texts), text.tokenize_texts(toy_model.tokenizer, texts, n)
+    monkeypatch.setattr(text, "TOKENIZE_CHUNK", 3)
+    chunked = toy_model.tokenize(texts)
+    assert isinstance(chunked["input_ids"], torch.Tensor) and chunked["input_ids"].dtype == torch.int64
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(chunked[key], whole_pt[key])
+        np.testing.assert_array_equal(text.tokenize_texts(toy_model.tokenizer, texts, n)[key], whole_np[key])
+    assert chunked["input_ids"].shape[1] == n > int(chunked["attention_mask"][:3].sum(1).max())  # padded rows
+    with pytest.raises(InvembError, match=r"position\(s\) \[4\]"):  # an empty text still names its position
+        text.tokenize_texts(toy_model.tokenizer, texts[:4] + [" "], n)
+
+
 def test_encode_from_many_threads_gives_the_serial_vectors(toy_model, headlines32):
     """Servers and thread pools share one embedder: encode's token counting must not change the shared fast
     tokenizer's padding state under another thread's batch (it did: ragged ids, 'setting an array element with a
