@@ -206,6 +206,12 @@ S = 64  # the toy preset's sentence_dim
 BAD_REQUESTS = {
     "empty text": ("encode", {"text": text_tensor([""])}, "empty or whitespace-only text"),
     "whitespace text": ("roundtrip", {"text": text_tensor(["ok", " \t "])}, r"position\(s\) \[1\]"),
+    "roundtrip 10,000-char text": ("roundtrip", {"text": text_tensor(["ok", "x" * 10_000])},
+                                   "row 1 has 10000 characters; the limit is 2000"),
+    "vectors and text": ("beam_search", {"sentence_embedding": np.zeros((1, S), np.float32),
+                                         "source_text": text_tensor(["Oil prices fall"])},
+                         "either sentence_embedding or source_text, got sentence_embedding and source_text"),
+    "neither vectors nor text": ("beam_search", {"beam_size": np.full((1, 1), 4, np.int32)}, "got neither"),
     "10,000-char text": ("encode", {"text": text_tensor(["x" * 10_000])}, "10000 characters; the limit is 2000"),
     "invalid UTF-8": ("encode", {"text": text_tensor([b"Oil \xff\xfe prices"])}, "not valid UTF-8"),
     "wrong vector width": ("beam_search", {"sentence_embedding": np.zeros((2, S + 3), np.float32)},

@@ -27,3 +27,22 @@ def model_param(config: dict, key: str, default):
     """parameters { key: "<key>" value: { string_value: "..." } } of a model config (as a dict), else `default`;
     returned as a string (the caller converts: int(...))."""
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+def decode_texts(raw, max_chars: int) -> list[str]:
+    """BYTES [batch, 1] -> str per row; invalid UTF-8 or an over-long text is an InvembError naming the row."""
+    from invemb.errors import InvembError
+    texts = []  # raw: np.ndarray of bytes/str, any shape
+    for i, item in enumerate(raw.reshape(-1)):
+        if isinstance(item, str):
+            text = item
+        else:
+            try:
+                text = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvembError(f"text at row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if len(text) > max_chars:
+            raise InvembError(f"text at row {i} has {len(text)} characters; the limit is {max_chars} "
+                              f"(the model reads at most its first max_length tokens anyway)")
+        texts.append(text)
+    return texts

@@ -1,5 +1,11 @@
 """Triton python model `beam_search` (BLS): sentence_embedding [batch, S] -> text (BYTES), score [batch, 1].
 
+Instead of vectors a request may send `source_text` (BYTES [batch, 1]): the texts are tokenized and encoded here with
+the `encoder` graph (the file the `encoder` model serves, run by this instance's runner) and then decoded. The
+`roundtrip` ensemble is that one step instead of three hops through Python stubs (tokenizer -> encoder ->
+beam_search); results/bench_serving_encoder.md, 2-core EPYC, concurrency 1/4/16, Triton vs in-process: three hops
+93% / 102% / 135%, one hop 96% / 108% / 142% (consecutive runs: a small gain, near the noise).
+
 Runs the core's ONE search, `invemb.generation.generate`, with an `invemb.graph_stepper.GraphStepper` whose
 start/step run the `decoder_init` / `decoder_step` graphs, then the core's detokenization
 (`invemb.text.detokenize_ids`). Parameter `decoder_runner`:
@@ -23,7 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # invemb: the installed package of the venv whose python3 runs the stub (serving/README.md)
-from invemb.serving.triton_utils import invalid_arg, load_model_assets, model_param
+from invemb.serving.triton_utils import decode_texts, invalid_arg, load_model_assets, model_param
 
 
 def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
@@ -63,8 +69,12 @@ def session_runner(repository: Path, threads: int):
 
 class TritonPythonModel:
     def initialize(self, args):
+        import logging
+
         from invemb.manifest import cache_plan
         config, self.manifest, self.tokenizer = load_model_assets(args)
+        self.max_chars = int(model_param(config, "max_text_chars", 2000))
+        logging.getLogger("invemb").setLevel(logging.ERROR)  # truncation warnings would flood the server log
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
         self.default_beam = int(model_param(config, "default_beam_size", 4))
         self.max_beam = int(model_param(config, "max_beam_size", 8))
@@ -81,9 +91,18 @@ class TritonPythonModel:
     def _settings(self, request) -> tuple[np.ndarray, int, int | None, bool]:
         """Validated (vectors [B,S], beam_size, max_length, rerank) of one request; InvembError when bad."""
         from invemb.errors import InvembError
+        from invemb.graph_stepper import GraphEmbedder
         from invemb.manifest import check_vectors, generation_config
-        vectors = check_vectors(self.manifest, pb_utils.get_input_tensor_by_name(request, "sentence_embedding")
-                                .as_numpy())
+        given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in ("sentence_embedding", "source_text")}
+        given = {n: t for n, t in given.items() if t is not None}
+        if len(given) != 1:
+            raise InvembError("send either sentence_embedding or source_text, got "
+                              f"{' and '.join(given) or 'neither'}")
+        if "source_text" in given:  # text -> vectors here: the encoder graph through this instance's runner
+            texts = decode_texts(given["source_text"].as_numpy(), self.max_chars)
+            vectors = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer).encode(texts)  # [B,S]
+        else:
+            vectors = check_vectors(self.manifest, given["sentence_embedding"].as_numpy())
 
         def scalar(name: str):
             t = pb_utils.get_input_tensor_by_name(request, name)

@@ -14,26 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # invemb: the installed package of the venv whose python3 runs the stub (serving/README.md)
-from invemb.serving.triton_utils import invalid_arg, load_model_assets, model_param
-
-
-def decode_texts(raw: np.ndarray, max_chars: int) -> list[str]:
-    """BYTES [batch, 1] -> str per row; invalid UTF-8 or an over-long text is an InvembError naming the row."""
-    from invemb.errors import InvembError
-    texts = []
-    for i, item in enumerate(raw.reshape(-1)):
-        if isinstance(item, str):
-            text = item
-        else:
-            try:
-                text = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvembError(f"text at row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if len(text) > max_chars:
-            raise InvembError(f"text at row {i} has {len(text)} characters; the limit is {max_chars} "
-                              f"(the model reads at most its first max_length tokens anyway)")
-        texts.append(text)
-    return texts
+from invemb.serving.triton_utils import decode_texts, invalid_arg, load_model_assets, model_param
 
 
 class TritonPythonModel:
