@@ -84,14 +84,15 @@ def _probe(model, names: list[str], feeds: list[dict]):
     import onnx
     import onnxruntime as ort
     from onnx import helper
-    from invemb.ort import CPU_DISABLED_OPTIMIZERS, session_options
+    from invemb.ort import disabled_optimizers, session_options
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in have)
-    sess = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
+    providers = ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=providers,
+                                disabled_optimizers=disabled_optimizers(providers))
     for feed in feeds:
         yield dict(zip(names, sess.run(names, feed)))
 

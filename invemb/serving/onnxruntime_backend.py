@@ -23,6 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from invemb.manifest import PAST_PREFIX
+from invemb.ort import disabled_optimizers
 from invemb.serving.triton_utils import invalid_arg, model_param
 
 
@@ -93,8 +94,7 @@ class TritonPythonModel:
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
-        from invemb.ort import disabled_optimizers  # the CPU provider skips ORT's slow SkipLayerNorm fusion
-        self.session = ort.InferenceSession(str(path), opts, providers=providers,
+        self.session = ort.InferenceSession(str(path), opts, providers=providers,  # CPU: no SkipLayerNorm fusion
                                             disabled_optimizers=disabled_optimizers(providers))
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"]), i.get("optional", False))

@@ -87,20 +87,23 @@ class TritonPythonModel:
             self.run_graph = bls_run
         else:
             raise ValueError(f"parameter decoder_runner must be onnxruntime or bls, got {self.runner_kind!r}")
-
-    def _settings(self, request) -> tuple[np.ndarray, int, int | None, bool]:
-        """Validated (vectors [B,S], beam_size, max_length, rerank) of one request; InvembError when bad."""
-        from invemb.errors import InvembError
         from invemb.graph_stepper import GraphEmbedder
+        # encodes source_text and re-ranks (the encoder graph through run_graph); holds no per-request state
+        self.embedder = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
+
+    def _settings(self, request) -> tuple[np.ndarray | list[str], int, int | None, bool]:
+        """Validated (vectors [B,S] or cleaned texts, beam_size, max_length, rerank) of one request; InvembError
+        when bad. Texts are encoded later, one encoder call per group of requests (execute)."""
+        from invemb.errors import InvembError
         from invemb.manifest import check_vectors, generation_config
+        from invemb.text import clean_texts
         given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in ("sentence_embedding", "source_text")}
         given = {n: t for n, t in given.items() if t is not None}
         if len(given) != 1:
             raise InvembError("send either sentence_embedding or source_text, got "
                               f"{' and '.join(given) or 'neither'}")
-        if "source_text" in given:  # text -> vectors here: the encoder graph through this instance's runner
-            texts = decode_texts(given["source_text"].as_numpy(), self.max_chars)
-            vectors = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer).encode(texts)  # [B,S]
+        if "source_text" in given:  # an empty text is this request's error, naming its row
+            vectors = clean_texts(decode_texts(given["source_text"].as_numpy(), self.max_chars))
         else:
             vectors = check_vectors(self.manifest, given["sentence_embedding"].as_numpy())
 
@@ -125,11 +128,11 @@ class TritonPythonModel:
     def execute(self, requests):
         from invemb.errors import InvembError
         from invemb.generation import generate
-        from invemb.graph_stepper import GraphEmbedder, GraphStepper
+        from invemb.graph_stepper import GraphStepper
         from invemb.manifest import generation_config
         from invemb.text import detokenize_ids
         responses: list = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        groups: dict[tuple, list[tuple[int, np.ndarray | list[str]]]] = {}
         for r, request in enumerate(requests):
             try:
                 vectors, beam, max_length, rerank = self._settings(request)
@@ -141,11 +144,19 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"beam_search: {type(e).__name__}: {str(e)[:300]}"))
         for (beam, max_length, rerank), members in groups.items():
             try:
-                vectors = np.concatenate([v for _, v in members])  # [sum B, S]
+                texts = [t for _, v in members if isinstance(v, list) for t in v]  # every source_text row
+                encoded = self.embedder.encode(texts) if texts else None  # [T,S], one call for the group
+                parts, k = [], 0
+                for _, v in members:
+                    if isinstance(v, list):
+                        parts.append(encoded[k:k + len(v)])
+                        k += len(v)
+                    else:
+                        parts.append(v)
+                vectors = np.concatenate(parts)  # [sum B, S]
                 if rerank:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
-                    emb = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
-                    nbest = emb.decode_nbest(vectors, beam, max_length)
-                    hyps = [h[i] for h, i in zip(nbest, emb.roundtrip_choice(vectors, nbest))]
+                    nbest = self.embedder.decode_nbest(vectors, beam, max_length)
+                    hyps = [h[i] for h, i in zip(nbest, self.embedder.roundtrip_choice(vectors, nbest))]
                 else:
                     hyps = generate(GraphStepper(self.run_graph, self.manifest, vectors),
                                     generation_config(self.manifest, beam, max_length))
