@@ -7,6 +7,8 @@ supplies the pieces that touch its runtime:
     _stepper(vectors [N,S]) -> Stepper            the decoder as an invemb.generation.Stepper
     _onepass_ids(vectors, cfg) -> [[int]]         argmax ids of every position (one-pass decoders only)
     one_pass: bool, sentence_dim, eos_id, max_length (encoder tokens incl. specials), tokenizer
+and may set `search_workers` (default 1): searches split a batch's rows into that many slices decoded at once in
+threads (invemb.generation.split_search; same texts), for backends whose steps release the GIL (ONNX Runtime).
 
 Torch-free (numpy only).
 """
@@ -16,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from invemb.generation import GenerationConfig, Hypothesis, beam_search, cut_at_eos, generate, generation_config
+from invemb.generation import (GenerationConfig, Hypothesis, beam_search, cut_at_eos, generate, generation_config,
+                                split_search)
 from invemb.text import check_vectors, clean_texts, detokenize_ids, length_sorted_batches, token_counts
 
 
@@ -35,6 +38,20 @@ class EmbedderBase:
     eos_id: int
     max_length: int  # encoder tokens incl. [CLS]/[SEP]; a search generates at most max_length - 1 tokens
     tokenizer: object
+    search_workers: int = 1  # row slices searched at once (threads); see set_search_workers
+    _search_pool = None
+
+    def set_search_workers(self, workers: int) -> None:
+        """Decode a batch's rows in `workers` slices at once, each in its own thread (the caller's + workers - 1
+        pool threads). Worth it where one step is too small for intra-op threads (serving batches on a CPU)."""
+        from concurrent.futures import ThreadPoolExecutor
+        if int(workers) < 1:
+            raise ValueError(f"search workers must be >= 1, got {workers}")
+        if self._search_pool is not None:
+            self._search_pool.shutdown(wait=True)
+        self.search_workers = int(workers)
+        self._search_pool = ThreadPoolExecutor(self.search_workers - 1, thread_name_prefix="invemb-search") \
+            if self.search_workers > 1 else None
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -79,7 +96,12 @@ class EmbedderBase:
         cfg = self.generation_config(beam_size, max_length, **kw)
         if self.one_pass:  # all positions at once, cut at the first EOS
             return cut_at_eos(self._onepass_ids(v, cfg), self.eos_id)
-        return [h.tokens for h in generate(self._stepper(v), cfg)]
+        return [h.tokens for h in self.search(v, cfg)]
+
+    def search(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[Hypothesis]:
+        """The best hypothesis per row of checked vectors [N,S] (the core's generate, split over search_workers)."""
+        return split_search(lambda part: generate(self._stepper(part), cfg), vectors, self.search_workers,
+                            self._search_pool)
 
     def decode_nbest(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw
                      ) -> list[list[Hypothesis]]:
@@ -88,7 +110,8 @@ class EmbedderBase:
             raise ValueError("a one-pass decoder has no beam: n-best decoding needs a step decoder")
         v = self.check_vectors(vectors)
         cfg = self.generation_config(beam_size, max_length, num_return=beam_size, **kw)
-        return beam_search(self._stepper(v), cfg)
+        return split_search(lambda part: beam_search(self._stepper(part), cfg), v, self.search_workers,
+                            self._search_pool)
 
     def rerank_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
         """Round-trip re-ranking: decode each vector's n-best, encode every candidate text, keep the one whose

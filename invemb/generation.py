@@ -267,3 +267,24 @@ def generate(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
     if cfg.beam_size == 1:
         return greedy_search(stepper, cfg)
     return [hyps[0] for hyps in beam_search(stepper, cfg)]
+
+
+def split_search(search, vectors: np.ndarray, workers: int, pool=None) -> list:
+    """`search(rows)` -> one result per row, over up to `workers` contiguous slices of `vectors` [N,S] at once,
+    results in row order. Items never interact in a search (each has its own beams), so the results are the
+    same as one call over all rows (tests/test_search_workers.py). One slice runs in the calling thread, the others
+    on `pool` (a concurrent.futures executor); with no pool, one worker or one row: one call.
+
+    Why: the decoder graphs at serving sizes (4 headlines x beam 4 = 16 rows of a 3x256 decoder) are too small for
+    intra-op threads (ONNX Runtime with 2 threads decodes ~20% SLOWER than with 1), while two slices on two cores,
+    each a 1-thread session run (which releases the GIL), decode a lone 4-headline request x1.35-1.4 faster."""
+    n = len(vectors)
+    parts = min(int(workers), n)
+    if pool is None or parts <= 1:
+        return search(vectors)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    futures = [pool.submit(search, vectors[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    out = list(search(vectors[bounds[0]:bounds[1]]))
+    for f in futures:
+        out.extend(f.result())
+    return out

@@ -5,6 +5,7 @@ its text/vector surface invemb.embedder.EmbedderBase (the torch model's).
     emb = OnnxEmbedder("onnx/small")            # or OnnxEmbedder("onnx/small", variant="int8")
     vecs = emb.encode(["Oil prices fall as OPEC output rises"])   # float32 [1,S]
     emb.decode(vecs, beam_size=4)                                 # same texts as InvertibleEmbedder.decode
+    OnnxEmbedder("onnx/small", threads=1, search_workers=2)        # 2 cores for small decode batches
 
 No torch here; onnxruntime and transformers (tokenizer) are imported lazily.
 """
@@ -64,7 +65,7 @@ class OnnxEmbedder(EmbedderBase):
     InvertibleEmbedder (so the texts are identical to the torch model's up to fp32 rounding)."""
 
     def __init__(self, export_dir: str | os.PathLike, threads: int | None = None,
-                 providers: Sequence[str] | None = None, variant: str | None = None):
+                 providers: Sequence[str] | None = None, variant: str | None = None, search_workers: int = 1):
         from transformers import AutoTokenizer
         self.dir = Path(export_dir)
         self.manifest = m = read_manifest(self.dir)
@@ -75,6 +76,9 @@ class OnnxEmbedder(EmbedderBase):
         self.sessions = {name: make_session(self.dir / f, threads, providers) for name, f in self.files.items()}
         self.one_pass = "decoder_onepass" in self.sessions
         self.candidates = True  # searches fetch the graphs' top-k outputs, not [N, V] log_probs (same texts)
+        # row slices decoded at once, threads sharing the sessions (ORT's run is thread-safe and releases the GIL);
+        # at serving sizes 2 workers x 1 intra-op thread beat 1 x 2 threads (invemb.generation.split_search)
+        self.set_search_workers(search_workers)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / m["tokenizer_dir"]))
         except (OSError, ValueError) as e:

@@ -13,8 +13,12 @@ Workloads, each request one batch of validation headlines (or their vectors):
              decoder_runner=bls (a BLS round trip per step), `beam_search_op` (the one-call BeamSearch-op graph:
              token ids, detokenized by the caller), in-process over the top-k graphs and in-process over full
              log_probs rows
-  roundtrip  text -> text: Triton `roundtrip` ensemble vs in-process encode + decode; `roundtrip_t2`: the same over
-             one beam_search instance with 2 intra-op threads, beside in-process with 2 threads
+  roundtrip  text -> text: Triton `roundtrip` (its beam_search: 2 instances x 2 search workers, the default) vs
+             in-process encode + decode (1 thread); `roundtrip_w1`: over beam_search instances with 1 search worker
+             (the default before), `roundtrip_x1`: over ONE instance with 2 workers; `in-process 2 workers`: the
+             in-process search split the same way (OnnxEmbedder(search_workers=2): what one caller gets from both
+             cores). Intra-op threads (2 per session) were slower than 1 at c=1/4/16 in the last run that had them:
+             results/bench_serving_encoder.md
 For each workload and concurrency level: a bounded number of requests (and a time cap); throughput (texts/s) and
 p50/p99 latency; the backends' runs are interleaved and the best of --repeats is kept (the machine may be shared).
 In-process runs call from a thread pool with the same concurrency. Writes results/bench_serving.{md,json} with the
@@ -151,11 +155,12 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     copy_model(repo, "beam_search", "beam_search_x1", one_instance)
     copy_model(repo, "encoder", "encoder_x1", one_instance)
     copy_model(repo, "encode", "encode_x1", ('model_name: "encoder"', 'model_name: "encoder_x1"'))  # uses it
-    # one search instance whose ORT sessions use both cores (a lone request gets the whole box; concurrent requests
-    # share one search through the dynamic batcher), and the roundtrip ensemble over it
-    two_threads = tuple(f'"intra_op_thread_count" value: {{ string_value: "{n}" }}' for n in (1, 2))
-    copy_model(repo, "beam_search", "beam_search_t2", one_instance, two_threads)
-    copy_model(repo, "roundtrip", "roundtrip_t2", ('model_name: "beam_search"', 'model_name: "beam_search_t2"'))
+    # search workers: the default 2 instances with one worker each (the default before), and the roundtrip ensemble
+    # over it and over the 1-instance (2-worker) search
+    one_worker = tuple(f'"search_workers" value: {{ string_value: "{n}" }}' for n in (2, 1))
+    copy_model(repo, "beam_search", "beam_search_w1", one_worker)
+    copy_model(repo, "roundtrip", "roundtrip_w1", ('model_name: "beam_search"', 'model_name: "beam_search_w1"'))
+    copy_model(repo, "roundtrip", "roundtrip_x1", ('model_name: "beam_search"', 'model_name: "beam_search_x1"'))
     return repo, work / "onnx", desc
 
 
@@ -180,8 +185,8 @@ def write_report(report: dict, out: Path) -> None:
              f"Load average at start / end: {', '.join(f'{x:.1f}' for x in m['load_avg_start'])} / "
              f"{', '.join(f'{x:.1f}' for x in report['load_avg_end'])} (the machine is shared)  ",
              f"Model: {report['model']}  ",
-             "Triton: 1 instance per model (encoder, beam_search: 2; the _x1 arms: 1), intra-op threads 1 (the _t2 "
-             "arms: one beam_search instance with 2), models on CPU, encoder via the Python-based "
+             "Triton: 1 instance per model (encoder, beam_search: 2; the _x1 arms: 1), intra-op threads 1, "
+             "beam_search with 2 search workers (the _w1 arms: 1), models on CPU, encoder via the Python-based "
              "onnxruntime backend; gRPC client in the benchmark process. Graphs served: "
              f"{report.get('served_variant') or 'fp32'} (export_checkpoint's default: the static int8 encoder, fp32 "
              "decoders). In-process: OnnxEmbedder on the same graphs (`in-process fp32`: the fp32 encoder) with "
@@ -206,9 +211,9 @@ def write_report(report: dict, out: Path) -> None:
             lines += [f"Target ({tri} throughput >= 100% of {ref} at every concurrency): " + ", ".join(
                 f"c={c}: {v:.0%}" for c, v in ratios.items()) + f": **{verdict}**.", ""]
     for wl in report["workloads"]:
-        if {"Triton roundtrip_t2", "in-process 2 threads"} <= set(wl["backends"]):
-            lines += ["Both cores for a lone request (Triton roundtrip_t2 vs in-process 2 threads): " + ", ".join(
-                f"c={r['concurrency']}: {r['Triton roundtrip_t2']['texts_per_s'] / r['in-process 2 threads']['texts_per_s']:.0%}"
+        if {"Triton roundtrip", "in-process 2 workers"} <= set(wl["backends"]):
+            lines += ["The same split of the search in both (Triton roundtrip vs in-process 2 workers): " + ", ".join(
+                f"c={r['concurrency']}: {r['Triton roundtrip']['texts_per_s'] / r['in-process 2 workers']['texts_per_s']:.0%}"
                 for r in wl["rows"]) + ".", ""]
     if report.get("decode_texts_identical"):
         lines += ["Decode texts identical to in-process top-k on 32 headlines: " + ", ".join(
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
         fp32 = OnnxEmbedder(export_dir, threads=args.ort_threads)
         rows_emb = OnnxEmbedder(export_dir, threads=args.ort_threads, variant=variant)
         rows_emb.candidates = False  # in-process search over full [N, V] log_probs rows
-        emb2 = OnnxEmbedder(export_dir, threads=2, variant=variant)  # what one caller gets from both cores
+        emb2 = OnnxEmbedder(export_dir, threads=1, variant=variant, search_workers=2)  # one caller, both cores
         vec_of = dict(zip(texts, emb.encode(texts)))
 
         def vectors(batch):
@@ -297,8 +302,9 @@ def main(argv=None) -> int:
                 ("in-process", "inprocess", lambda b: emb.decode(vectors(b), beam_size=4), None, None)]),
             ("roundtrip", args.roundtrip_batch, args.roundtrip_requests, " texts, beam 4", [
                 ("Triton roundtrip", "triton", "roundtrip", text_in, "decoded_text"),
-                ("Triton roundtrip_t2", "triton", "roundtrip_t2", text_in, "decoded_text"),
-                ("in-process 2 threads", "inprocess", lambda b: emb2.decode(emb2.encode(b), beam_size=4), None, None),
+                ("Triton roundtrip_w1", "triton", "roundtrip_w1", text_in, "decoded_text"),
+                ("Triton roundtrip_x1", "triton", "roundtrip_x1", text_in, "decoded_text"),
+                ("in-process 2 workers", "inprocess", lambda b: emb2.decode(emb2.encode(b), beam_size=4), None, None),
                 ("in-process", "inprocess", lambda b: emb.decode(emb.encode(b), beam_size=4), None, None)])]
         wanted = args.workloads.split(",")
         with TritonServer(repo, log_file=Path(tmp) / "server.log") as server:

@@ -210,3 +210,35 @@ def test_candidates_of_orders_ties_by_lower_id():
     assert c.ids.tolist() == [[1, 2, 4]] and c.log_probs.tolist() == [[-0.5, -0.5, -0.5]]
     with pytest.raises(ValueError, match="must be"):
         Candidates(np.zeros((2, 3)), np.zeros((2, 4), dtype=np.int64), 5)
+
+
+def test_split_search_keeps_row_order_and_runs_slices_at_once():
+    """split_search: contiguous slices, one per worker (at most one per row), in row order, the caller's thread doing
+    the first; no pool or one worker: one call; a worker's exception reaches the caller."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from invemb.generation import split_search
+    calls, barrier = [], threading.Barrier(3, timeout=10)
+
+    def search(rows):  # a search whose slices must all be running at the same time to get past the barrier
+        calls.append((rows[:, 0].tolist(), threading.current_thread().name))
+        barrier.wait()
+        return [f"row {int(r)}" for r in rows[:, 0]]
+    vectors = np.arange(7, dtype=np.float32).reshape(7, 1).repeat(3, axis=1)  # [7,3]
+    with ThreadPoolExecutor(2) as pool:
+        assert split_search(search, vectors, 3, pool) == [f"row {i}" for i in range(7)]
+        assert sorted(c[0] for c in calls) == [[0, 1], [2, 3, 4], [5, 6]]
+        assert len({c[1] for c in calls}) == 3 and (([0, 1], threading.current_thread().name) in calls)
+        calls.clear()
+        one = lambda rows: [int(r) for r in rows[:, 0]]  # noqa: E731
+        assert split_search(one, vectors[:2], 8, pool) == [0, 1]  # 8 workers, 2 rows: 2 slices
+        assert split_search(one, vectors, 1, pool) == list(range(7))
+        assert split_search(one, vectors, 4, None) == list(range(7))
+
+        def failing(rows):
+            if rows[0, 0] > 0:
+                raise RuntimeError("decoder failed")
+            return [0] * len(rows)
+        with pytest.raises(RuntimeError, match="decoder failed"):
+            split_search(failing, vectors, 2, pool)

@@ -138,6 +138,32 @@ def test_topk_outputs_decode_exactly_like_full_rows(onnx_dir, toy_model, ort_emb
     assert ort_embedder.decode(vec, beam_size=4) == toy_model.decode(vec, beam_size=4)
 
 
+def test_search_workers_decode_the_same_texts(onnx_dir, ort_embedder, toy_model, headlines32):
+    """OnnxEmbedder(search_workers=3): each batch's rows decoded in 3 slices at once (threads sharing the sessions)
+    give the same texts, n-best (tokens and scores) and re-ranked choices as one search; concurrent callers too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from invemb.errors import InvembError
+    from invemb.ort import OnnxEmbedder
+    split = OnnxEmbedder(onnx_dir, threads=1, search_workers=3)
+    assert split.search_workers == 3
+    vec = toy_model.encode(headlines32)  # [32,S]
+    for beam, max_length in ((4, None), (1, None), (3, 6)):
+        assert split.decode(vec, beam_size=beam, max_length=max_length, batch_size=11) == \
+            ort_embedder.decode(vec, beam_size=beam, max_length=max_length, batch_size=11)
+    want = ort_embedder.decode_nbest(vec[:10], beam_size=4)
+    got = split.decode_nbest(vec[:10], beam_size=4)
+    assert [[(h.tokens, h.score) for h in hs] for hs in got] == [[(h.tokens, h.score) for h in hs] for hs in want]
+    assert split.decode(vec[:10], beam_size=4, rerank=True) == ort_embedder.decode(vec[:10], beam_size=4, rerank=True)
+    with ThreadPoolExecutor(4) as pool:  # 4 callers sharing one 3-worker embedder
+        parts = list(pool.map(lambda i: split.decode(vec[i:i + 8], beam_size=4), range(0, 32, 8)))
+    assert sum(parts, []) == ort_embedder.decode(vec, beam_size=4)
+    with pytest.raises(ValueError, match="search workers must be >= 1, got 0"):
+        OnnxEmbedder(onnx_dir, threads=1, search_workers=0)
+    with pytest.raises(InvembError, match="NaN"):  # bad input: still the caller's clear error
+        split.decode(np.full((2, vec.shape[1]), np.nan, np.float32))
+
+
 def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
     repo = tmp_path / "model_repository"
     for name in ("encoder", "beam_search"):

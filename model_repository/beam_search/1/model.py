@@ -18,7 +18,10 @@ Optional inputs, one value per request: `beam_size` and `max_length` (int32; def
 the manifest's generation max length) and `rerank` (bool; default: parameter `default_rerank`): re-rank the beam's
 n-best by re-encoding each candidate with the `encoder` graph and keeping the one closest to the vector (the core's
 EmbedderBase.roundtrip_choice, through invemb.graph_stepper.GraphEmbedder).
-Requests the dynamic batcher hands over together with the same settings share one search.
+Requests the dynamic batcher hands over together with the same settings share one search. Parameter
+`search_workers` (default 2, onnxruntime runner): that search's rows are decoded in up to that many slices at once,
+in threads of this instance (the core's invemb.generation.split_search; same texts): a lone request uses both cores
+of the box instead of one (1-thread decoder runs are too small for intra-op threads to help).
 Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
 """
 from __future__ import annotations
@@ -49,7 +52,10 @@ def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
 def session_runner(repository: Path, threads: int):
     """Runner for GraphStepper: ONNX Runtime sessions of the decoder graphs placed in the repository
     (<repository>/<graph>/<newest version>/model.onnx), held by this model instance."""
+    import threading
+
     from invemb.ort import make_session
+    lock = threading.Lock()  # search workers share the sessions (ORT's run is thread-safe); loading is not
 
     def load(graph: str):
         versions = sorted((int(p.name) for p in (repository / graph).iterdir() if p.name.isdigit()
@@ -61,8 +67,10 @@ def session_runner(repository: Path, threads: int):
     sessions = {graph: load(graph) for graph in ("decoder_init", "decoder_step")}
 
     def run(graph: str, feeds: dict, output_names: list) -> dict:
-        if graph not in sessions:  # the encoder: loaded on the first re-ranking request
-            sessions[graph] = load(graph)
+        if graph not in sessions:  # the encoder: loaded on the first encode / re-ranking request
+            with lock:
+                if graph not in sessions:
+                    sessions[graph] = load(graph)
         return dict(zip(output_names, sessions[graph].run(list(output_names), feeds)))
     return run
 
@@ -80,6 +88,9 @@ class TritonPythonModel:
         self.max_beam = int(model_param(config, "max_beam_size", 8))
         self.default_rerank = model_param(config, "default_rerank", "false").lower() in ("1", "true", "yes")
         self.runner_kind = model_param(config, "decoder_runner", "onnxruntime")
+        workers = model_param(config, "search_workers", "2")
+        if not workers.isdigit() or int(workers) < 1:
+            raise ValueError(f"parameter search_workers must be an integer >= 1, got {workers!r}")
         if self.runner_kind == "onnxruntime":
             threads = int(model_param(config, "intra_op_thread_count", 1))
             self.run_graph = session_runner(Path(args["model_repository"]).parent, threads)
@@ -90,6 +101,11 @@ class TritonPythonModel:
         from invemb.graph_stepper import GraphEmbedder
         # encodes source_text and re-ranks (the encoder graph through run_graph); holds no per-request state
         self.embedder = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
+        # BLS: one worker (the decoder models parallelise in their own instances)
+        self.embedder.set_search_workers(int(workers) if self.runner_kind == "onnxruntime" else 1)
+
+    def finalize(self):
+        self.embedder.set_search_workers(1)  # stops the worker threads
 
     def _settings(self, request) -> tuple[np.ndarray | list[str], int, int | None, bool]:
         """Validated (vectors [B,S] or cleaned texts, beam_size, max_length, rerank) of one request; InvembError
@@ -127,8 +143,6 @@ class TritonPythonModel:
 
     def execute(self, requests):
         from invemb.errors import InvembError
-        from invemb.generation import generate
-        from invemb.graph_stepper import GraphStepper
         from invemb.manifest import generation_config
         from invemb.text import detokenize_ids
         responses: list = [None] * len(requests)
@@ -157,9 +171,8 @@ class TritonPythonModel:
                 if rerank:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
                     nbest = self.embedder.decode_nbest(vectors, beam, max_length)
                     hyps = [h[i] for h, i in zip(nbest, self.embedder.roundtrip_choice(vectors, nbest))]
-                else:
-                    hyps = generate(GraphStepper(self.run_graph, self.manifest, vectors),
-                                    generation_config(self.manifest, beam, max_length))
+                else:  # the core's search, its rows split over search_workers
+                    hyps = self.embedder.search(vectors, generation_config(self.manifest, beam, max_length))
                 texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
                 start = 0
                 for r, v in members:
