@@ -98,9 +98,19 @@ class EmbedderBase:
             return cut_at_eos(self._onepass_ids(v, cfg), self.eos_id)
         return [h.tokens for h in self.search(v, cfg)]
 
-    def search(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[Hypothesis]:
-        """The best hypothesis per row of checked vectors [N,S] (the core's generate, split over search_workers)."""
-        return split_search(lambda part: generate(self._stepper(part), cfg), vectors, self.search_workers,
+    def _workers(self, workers: int | None) -> int:
+        return self.search_workers if workers is None else max(1, min(int(workers), self.search_workers))
+
+    def search(self, vectors: np.ndarray, cfg: GenerationConfig, workers: int | None = None) -> list[Hypothesis]:
+        """The best hypothesis per row of checked vectors [N,S] (the core's generate), the rows split over
+        `workers` (default and at most: search_workers) slices at once."""
+        return split_search(lambda part: generate(self._stepper(part), cfg), vectors, self._workers(workers),
+                            self._search_pool)
+
+    def nbest_search(self, vectors: np.ndarray, cfg: GenerationConfig, workers: int | None = None
+                     ) -> list[list[Hypothesis]]:
+        """Per row of checked vectors [N,S] the beam's finished hypotheses, best first (split like search)."""
+        return split_search(lambda part: beam_search(self._stepper(part), cfg), vectors, self._workers(workers),
                             self._search_pool)
 
     def decode_nbest(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw
@@ -110,8 +120,7 @@ class EmbedderBase:
             raise ValueError("a one-pass decoder has no beam: n-best decoding needs a step decoder")
         v = self.check_vectors(vectors)
         cfg = self.generation_config(beam_size, max_length, num_return=beam_size, **kw)
-        return split_search(lambda part: beam_search(self._stepper(part), cfg), v, self.search_workers,
-                            self._search_pool)
+        return self.nbest_search(v, cfg)
 
     def rerank_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, **kw) -> list[list[int]]:
         """Round-trip re-ranking: decode each vector's n-best, encode every candidate text, keep the one whose

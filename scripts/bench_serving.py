@@ -224,7 +224,10 @@ def write_report(report: dict, out: Path) -> None:
               "own ONNX Runtime sessions of the decoder graphs and fetches only their top-k outputs (64 candidates "
               "per row instead of [N, V] log_probs), so neither the KV cache nor the scores leave its process; "
               "`beam_search_bls` does one BLS request to decoder_step per step (the path for decoder models "
-              "served elsewhere, e.g. on a GPU).", ""]
+              "served elsewhere, e.g. on a GPU). `search_workers` 2 (the default): a search splits its rows over "
+              "the cores no other search holds (lock files shared by the server's searches), and keeps to one "
+              "slice for 3 s after finding a core held (under load one slice per search uses the cores better); "
+              "the first searches of a burst still split, so short runs at c=4 measure that transient.", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
 
 

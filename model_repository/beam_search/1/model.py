@@ -21,7 +21,11 @@ EmbedderBase.roundtrip_choice, through invemb.graph_stepper.GraphEmbedder).
 Requests the dynamic batcher hands over together with the same settings share one search. Parameter
 `search_workers` (default 2, onnxruntime runner): that search's rows are decoded in up to that many slices at once,
 in threads of this instance (the core's invemb.generation.split_search; same texts): a lone request uses both cores
-of the box instead of one (1-thread decoder runs are too small for intra-op threads to help).
+of the box instead of one (1-thread decoder runs are too small for intra-op threads to help). Each slice holds one
+of the box's cores, lock files shared by every search of the server (invemb.serving.triton_utils.CoreSlots): a
+search splits only over cores no other search holds, and not at all within CONTENTION_MEMORY_S of finding one held
+(under load, one slice per search is the faster use of the cores). results/bench_serving_roundtrip.md, 2-core
+EPYC, Triton roundtrip / in-process (1 thread) at concurrency 1/4/16: 122% / 108% / 154% (1 worker: 91/109/154%).
 Assets beside this file (written by export/to_onnx.py --triton-repo): manifest.json and tokenizer/.
 """
 from __future__ import annotations
@@ -32,7 +36,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # invemb: the installed package of the venv whose python3 runs the stub (serving/README.md)
-from invemb.serving.triton_utils import decode_texts, invalid_arg, load_model_assets, model_param
+from invemb.serving.triton_utils import CoreSlots, decode_texts, invalid_arg, load_model_assets, model_param
+
+
+CONTENTION_MEMORY_S = 3.0  # after another search held a core, this long without splitting (see _search)
 
 
 def bls_run(graph: str, feeds: dict, output_names: list) -> dict:
@@ -103,9 +110,39 @@ class TritonPythonModel:
         self.embedder = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
         # BLS: one worker (the decoder models parallelise in their own instances)
         self.embedder.set_search_workers(int(workers) if self.runner_kind == "onnxruntime" else 1)
+        self.cores = None
+        if self.runner_kind == "onnxruntime":  # the box's cores, one lock file each, shared by every search of the
+            import hashlib                      # server (the stubs are children of tritonserver)
+            import os
+            import tempfile
+            repository = Path(args["model_repository"]).parent
+            key = hashlib.sha1(f"{os.getppid()}:{repository}".encode()).hexdigest()[:16]
+            self.cores = CoreSlots(Path(tempfile.gettempdir()) / f"invemb-cores-{key}", os.cpu_count() or 1)
+        self.last_contention = float("-inf")  # when a search of this instance last found a core held by another
 
     def finalize(self):
         self.embedder.set_search_workers(1)  # stops the worker threads
+        if self.cores is not None:
+            self.cores.close(remove=True)
+
+    def _search(self, search, vectors: np.ndarray, cfg):
+        """search(vectors, cfg, workers): split over free cores (at most search_workers) when no other search has
+        held a core for CONTENTION_MEMORY_S, else one slice. Why the memory: under load an instance that finds the
+        other idle for a moment would take both cores, and the other's next search then runs beside its two
+        slices (3 threads on 2 cores: at concurrency 4, 89% of in-process where 1 slice each gave 109%)."""
+        import time
+        if self.cores is None:
+            return search(vectors, cfg, 1)
+        now = time.monotonic()
+        taken = self.cores.take(len(self.cores.fds))  # every free core: tells whether another search holds one
+        if len(taken) < len(self.cores.fds):
+            self.last_contention = now
+        keep = self.embedder.search_workers if now - self.last_contention > CONTENTION_MEMORY_S else 1
+        self.cores.release(taken[keep:])
+        try:
+            return search(vectors, cfg, max(1, min(keep, len(taken))))
+        finally:
+            self.cores.release(taken[:keep])
 
     def _settings(self, request) -> tuple[np.ndarray | list[str], int, int | None, bool]:
         """Validated (vectors [B,S] or cleaned texts, beam_size, max_length, rerank) of one request; InvembError
@@ -169,10 +206,12 @@ class TritonPythonModel:
                         parts.append(v)
                 vectors = np.concatenate(parts)  # [sum B, S]
                 if rerank:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
-                    nbest = self.embedder.decode_nbest(vectors, beam, max_length)
+                    cfg = generation_config(self.manifest, beam, max_length, num_return=beam)
+                    nbest = self._search(self.embedder.nbest_search, vectors, cfg)
                     hyps = [h[i] for h, i in zip(nbest, self.embedder.roundtrip_choice(vectors, nbest))]
-                else:  # the core's search, its rows split over search_workers
-                    hyps = self.embedder.search(vectors, generation_config(self.manifest, beam, max_length))
+                else:  # the core's search, its rows split over the free cores
+                    hyps = self._search(self.embedder.search, vectors,
+                                        generation_config(self.manifest, beam, max_length))
                 texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
                 start = 0
                 for r, v in members:
