@@ -138,6 +138,7 @@ class TritonPythonModel:
         if len(taken) < len(self.cores.fds):
             self.last_contention = now
         keep = self.embedder.search_workers if now - self.last_contention > CONTENTION_MEMORY_S else 1
+        keep = min(keep, len(vectors))  # a one-row search holds one core, not two
         self.cores.release(taken[keep:])
         try:
             return search(vectors, cfg, max(1, min(keep, len(taken))))
