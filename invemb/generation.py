@@ -272,7 +272,8 @@ def generate(stepper: Stepper, cfg: GenerationConfig) -> list[Hypothesis]:
 def split_search(search, vectors: np.ndarray, workers: int, pool=None) -> list:
     """`search(rows)` -> one result per row, over up to `workers` contiguous slices of `vectors` [N,S] at once,
     results in row order. Items never interact in a search (each has its own beams), so the results are the
-    same as one call over all rows (tests/test_search_workers.py). One slice runs in the calling thread, the others
+    same as one call over all rows (tests: test_core_generation.py, test_export_onnx.py
+    test_search_workers_decode_the_same_texts). One slice runs in the calling thread, the others
     on `pool` (a concurrent.futures executor); with no pool, one worker or one row: one call.
 
     Why: the decoder graphs at serving sizes (4 headlines x beam 4 = 16 rows of a 3x256 decoder) are too small for

@@ -49,11 +49,12 @@ def decode_texts(raw, max_chars: int) -> list[str]:
 
 
 class CoreSlots:
-    """The box's cores as `n` slots shared by every process that opens the same `folder` (the instances of a model,
-    each in its own python-backend stub): one lock file per slot, taken with a non-blocking flock. A search takes
-    what is free, so it splits over both cores when the other instance is idle and keeps to one when it is busy
-    (results/bench_serving_roundtrip.md: splitting regardless cost 12-14% at concurrency 4, where both instances
-    are busy). The kernel drops the locks of a process that dies; a slot is never waited for."""
+    """The box's cores as `n` slots shared by every process that opens the same `folder` (the searching model
+    instances of one server, each in its own python-backend stub): one lock file per slot, taken with a
+    non-blocking flock. A search takes what is free, so it splits over both cores when no other search runs and
+    keeps to one when another does (splitting whenever a core was free gave 88-89% of in-process at concurrency 4,
+    one slice per search 102-109%: serving/README.md, search workers). The kernel drops the locks of a process
+    that dies; a slot is never waited for."""
 
     def __init__(self, folder, n: int):
         import os
