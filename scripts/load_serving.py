@@ -58,13 +58,10 @@ def run(a) -> dict:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="invemb-load-"))
     export, repo = work / "onnx", work / "model_repository"
-    from invemb.export.exporter import fresh_triton_repo, main as export_main, served_variant
-    fresh_triton_repo(repo)
-    args = ["--out", str(export), "--triton-repo", str(repo)] + (["--checkpoint", a.checkpoint] if a.checkpoint else [])
-    if export_main(args) != 0:
-        raise SystemExit("export failed")
+    from invemb.export.exporter import place_export
+    variant = place_export(export, repo, a.checkpoint)  # a fresh repository serving a new export (as the pipeline)
     texts = [r.text for r in load_split(a.data).val[:a.texts]]
-    ref = OnnxEmbedder(export, variant=served_variant(repo))  # the graphs Triton serves (int8 encoder by default)
+    ref = OnnxEmbedder(export, variant=variant)  # the graphs Triton serves (int8 encoder by default)
     vectors = ref.encode(texts)  # [T,S]
     pairs = [(i, i + 2) for i in range(0, 32, 2)]
     decoded = {p: ref.decode(vectors[p[0]:p[1]], beam_size=2) for p in pairs}

@@ -25,14 +25,13 @@ import warnings
 from pathlib import Path
 
 from invemb.errors import InvembError
-from invemb.manifest import (GraphSpec, build_manifest, cache_output_names, graph_files, graph_specs, model_dims,
+from invemb.export.placement import fresh_triton_repo, place_in_triton_repo, replace_dir, served_variant
+from invemb.manifest import (GraphSpec, build_manifest, cache_output_names, graph_specs, model_dims,
                              present_outputs, read_manifest, write_manifest)
 
 DEFAULT_OPSET = 18
 # Example sizes used for tracing: >= 2 and distinct from each other (all are dynamic in the graphs).
 EXAMPLE = {"batch": 3, "sequence": 7, "past": 5, "new": 2}
-TRITON_GRAPHS = ("encoder", "decoder_init", "decoder_step", "decoder_onepass")
-TRITON_ASSET_MODELS = ("tokenizer", "beam_search")  # models that get manifest.json + tokenizer/
 TRITON_ENCODERS = ("int8", "fp32")  # what export_checkpoint places in the repository's encoder/1/ (int8: default)
 
 
@@ -251,7 +250,7 @@ def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, 
             source={"checkpoint": source, "invemb": invemb.__version__, "torch": torch.__version__,
                     "pooling": model.config.encoder.pooling, "backbone": model.config.encoder.model_name})
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -287,6 +286,22 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     return manifest
 
 
+def place_export(export_dir: str | os.PathLike, repo: str | os.PathLike,
+                 checkpoint: str | os.PathLike | None = None, one_call: bool = False,
+                 triton_encoder: str = "int8") -> str | None:
+    """A fresh Triton model repository at `repo` (the checkout's model_repository/ template) serving a new export of
+    `checkpoint` (default: the shipped model) written to `export_dir`: what the pipeline's export stage and
+    scripts/load_serving.py run. Progress prints silenced; InvembError on a bad checkpoint. Returns the served
+    variant (served_variant(repo): "int8_encoder" by default, None for the fp32 graphs)."""
+    if checkpoint is None:
+        from invemb.shipped import default_model_path
+        checkpoint = default_model_path()
+    repo = fresh_triton_repo(repo)
+    with quiet_exporter():
+        export_checkpoint(checkpoint, export_dir, triton_repo=repo, one_call=one_call, triton_encoder=triton_encoder)
+    return served_variant(repo)
+
+
 # ----------------------------------------------------------------------------------------------- files
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -294,78 +309,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`, replacing an existing `dst` (old one moved aside first, removed after)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def fresh_triton_repo(dst: str | os.PathLike) -> Path:
-    """dst/ = a clean copy of the checkout's committed model_repository/ (config.pbtxt + Python models; no
-    generated graphs): the folder that place_in_triton_repo then fills. An existing dst is replaced."""
-    from invemb.paths import checkout_root
-    src, dst = checkout_root() / "model_repository", Path(dst)
-    if not src.is_dir():
-        raise InvembError(f"model_repository/ not found in {checkout_root()} (invemb must be installed from a "
-                          "source checkout: pip install -e .)")
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
-    return dst
-
-
-def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
-                         variant: str | None = None) -> list[Path]:
-    """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.
-    `variant` (e.g. "int8_encoder", made by export/optimize.py) places that variant's graph files instead; the
-    manifest copies record it as "served_variant" (served_variant(repo) reads it back).
-    Only these files are replaced (config.pbtxt and model.py files written by the serving side stay)."""
-    src, repo = Path(export_dir), Path(repo)
-    manifest = read_manifest(src)
-    files = graph_files(manifest, variant, src)
-    placed = []
-    for name, file in files.items():
-        if name in TRITON_GRAPHS:
-            dst = repo / name / "1" / "model.onnx"
-            _copy_atomic(src / file, dst)
-            placed.append(dst)
-    for name in TRITON_ASSET_MODELS:
-        ver = repo / name / "1"
-        ver.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=ver))
-        shutil.copytree(src / manifest["tokenizer_dir"], tmp, dirs_exist_ok=True)
-        _replace_dir(tmp, ver / manifest["tokenizer_dir"])
-        write_manifest(ver, {**manifest, "served_variant": variant})
-        placed += [ver / "manifest.json", ver / manifest["tokenizer_dir"]]
-    if "one_call" in manifest:  # the one-call beam search graph: a generated model of its own (config included)
-        from invemb.export.beam_graph import triton_config
-        dst = repo / "beam_search_op" / "1" / "model.onnx"
-        _copy_atomic(src / manifest["one_call"]["file"], dst)
-        (repo / "beam_search_op" / "config.pbtxt").write_text(triton_config(manifest))
-        placed.append(dst)
-    elif (repo / "beam_search_op").is_dir():  # left by an earlier export: it would serve other weights
-        shutil.rmtree(repo / "beam_search_op")
-    return placed
-
-
-def served_variant(repo: str | os.PathLike) -> str | None:
-    """The export variant whose graphs a repository filled by place_in_triton_repo serves (None: the fp32 graphs),
-    so that an in-process reference (OnnxEmbedder(export_dir, variant=...)) runs the same graphs."""
-    return read_manifest(Path(repo) / "beam_search" / "1").get("served_variant")
 
 
 # ----------------------------------------------------------------------------------------------- CLI

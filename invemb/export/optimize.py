@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         made = make_variants(args.onnx, variants, smooth=not args.no_smooth)
         print("wrote " + "; ".join(f"{v}: {', '.join(x['files'].values())}" for v, x in made.items()))
         if args.triton_repo:
-            from invemb.export.exporter import place_in_triton_repo
+            from invemb.export.placement import place_in_triton_repo
             place_in_triton_repo(args.onnx, args.triton_repo, args.place)
             print(f"placed the {args.place} graphs in {args.triton_repo}")
         if args.n <= 0:

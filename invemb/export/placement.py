@@ -1,0 +1,93 @@
+"""Triton placement: the files of an export (graphs, manifest.json, tokenizer/) in a Triton model repository.
+
+The export package reads one way: exporter.py (graphs) -> optimize.py (variants) -> placement.py (a repository).
+This module imports neither of the others; export_checkpoint / exporter.place_export and export/optimize.py
+--triton-repo call into it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from invemb.errors import InvembError
+from invemb.manifest import graph_files, read_manifest, write_manifest
+
+TRITON_GRAPHS = ("encoder", "decoder_init", "decoder_step", "decoder_onepass")
+TRITON_ASSET_MODELS = ("tokenizer", "beam_search")  # models that get manifest.json + tokenizer/
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, replacing an existing `dst` (old one moved aside first, removed after)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def fresh_triton_repo(dst: str | os.PathLike) -> Path:
+    """dst/ = a clean copy of the checkout's committed model_repository/ (config.pbtxt + Python models; no
+    generated graphs): the folder that place_in_triton_repo then fills. An existing dst is replaced (never the
+    checkout's model_repository/ itself: that is the template)."""
+    from invemb.paths import checkout_root
+    src, dst = checkout_root() / "model_repository", Path(dst)
+    if not src.is_dir():
+        raise InvembError(f"model_repository/ not found in {checkout_root()} (invemb must be installed from a "
+                          "source checkout: pip install -e .)")
+    if dst.resolve() == src.resolve():
+        raise InvembError(f"{dst} is the checkout's model_repository/ template; a fresh repository goes elsewhere")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    return dst
+
+
+def place_in_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike,
+                         variant: str | None = None) -> list[Path]:
+    """Copy graphs to R/<graph>/1/model.onnx and manifest.json + tokenizer/ to R/tokenizer/1/, R/beam_search/1/.
+    `variant` (e.g. "int8_encoder", made by export/optimize.py) places that variant's graph files instead; the
+    manifest copies record it as "served_variant" (served_variant(repo) reads it back).
+    Only these files are replaced (config.pbtxt and model.py files written by the serving side stay)."""
+    src, repo = Path(export_dir), Path(repo)
+    manifest = read_manifest(src)
+    files = graph_files(manifest, variant, src)
+    placed = []
+    for name, file in files.items():
+        if name in TRITON_GRAPHS:
+            dst = repo / name / "1" / "model.onnx"
+            copy_atomic(src / file, dst)
+            placed.append(dst)
+    for name in TRITON_ASSET_MODELS:
+        ver = repo / name / "1"
+        ver.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=ver))
+        shutil.copytree(src / manifest["tokenizer_dir"], tmp, dirs_exist_ok=True)
+        replace_dir(tmp, ver / manifest["tokenizer_dir"])
+        write_manifest(ver, {**manifest, "served_variant": variant})
+        placed += [ver / "manifest.json", ver / manifest["tokenizer_dir"]]
+    if "one_call" in manifest:  # the one-call beam search graph: a generated model of its own (config included)
+        from invemb.export.beam_graph import triton_config
+        dst = repo / "beam_search_op" / "1" / "model.onnx"
+        copy_atomic(src / manifest["one_call"]["file"], dst)
+        (repo / "beam_search_op" / "config.pbtxt").write_text(triton_config(manifest))
+        placed.append(dst)
+    elif (repo / "beam_search_op").is_dir():  # left by an earlier export: it would serve other weights
+        shutil.rmtree(repo / "beam_search_op")
+    return placed
+
+
+def served_variant(repo: str | os.PathLike) -> str | None:
+    """The export variant whose graphs a repository filled by place_in_triton_repo serves (None: the fp32 graphs),
+    so that an in-process reference (OnnxEmbedder(export_dir, variant=...)) runs the same graphs."""
+    return read_manifest(Path(repo) / "beam_search" / "1").get("served_variant")
