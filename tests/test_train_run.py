@@ -113,6 +113,23 @@ def test_resume_refuses_an_incompatible_checkpoint(capsys, uninterrupted, data, 
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_float_literals_a_user_writes_are_floats(capsys, data, tmp_path):
+    """`lr=2e-4` (YAML 1.1 reads a float without a dot, or with an unsigned exponent, as a string) and every other
+    float form a user writes is a float, in the recipe file and in overrides; ints stay ints, strings strings."""
+    recipe = tmp_path / "floats.yaml"
+    recipe.write_text("preset: toy\nlr: 2e-4\nmin_lr: 1E-6\nweight_decay: .5\ngrad_clip: 1.0e3\nsim_model: 1e5x\n")
+    cfg = train_run.load_config(str(recipe), [])
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.grad_clip) == (2e-4, 1e-6, 0.5, 1000.0)
+    assert cfg.sim_model == "1e5x"
+    cfg = train_run.load_config(str(TOY), ["lr=2e-4", "min_lr=1E-3", "noise_sigma=.5", "plateau_factor=-1.5e+3",
+                                           "grad_clip=5.", "gumbel_tau=+3e2", "max_steps=12"])
+    assert (cfg.lr, cfg.min_lr, cfg.noise_sigma, cfg.plateau_factor, cfg.grad_clip, cfg.gumbel_tau) == (
+        2e-4, 1e-3, 0.5, -1500.0, 5.0, 300.0)
+    assert cfg.max_steps == 12 and isinstance(cfg.max_steps, int)
+    _fails(capsys, ["--config", TOY, "--data", data, "max_steps=1e3"], "train.max_steps must be int, got 1000.0")
+    _fails(capsys, ["--config", TOY, "--data", data, "lr=[2e-4"], "override 'lr=[2e-4': the value is not valid YAML")
+
+
 def test_cli_exit_code_and_one_line_error(data):
     p = subprocess.run([sys.executable, str(RUN), "--config", str(TOY), "--data", str(data), "nonsense=3"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)

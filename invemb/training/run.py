@@ -49,12 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
+    """The recipe file + key=value overrides (YAML values; every float literal a user writes, `2e-4` included,
+    is a float: invemb.training.recipe)."""
     import yaml
+
+    from invemb.training.recipe import load_yaml
     p = Path(path)
     if not p.is_file():
         raise InvembError(f"config {path!r} does not exist (see train/configs/)")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise InvembError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -68,7 +72,10 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InvembError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value else ""
+        try:
+            node[parts[-1]] = load_yaml(value) if value else ""
+        except yaml.YAMLError as e:
+            raise InvembError(f"override {item!r}: the value is not valid YAML: {str(e).splitlines()[0]}") from None
     return TrainConfig.from_dict(raw)
 
 
