@@ -37,13 +37,18 @@ def disabled_optimizers(providers: Sequence) -> list[str]:
 
 
 def session_options(threads: int | None = None):
-    """ORT session options: intra-op threads (default $INVEMB_ORT_THREADS or 2), one inter-op thread."""
+    """ORT session options: intra-op threads (default $INVEMB_ORT_THREADS or 2), one inter-op thread; with
+    $INVEMB_ORT_PROFILE=DIR each session writes its profile under DIR."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads or os.environ.get("INVEMB_ORT_THREADS", DEFAULT_THREADS))
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
+    profile = os.environ.get("INVEMB_ORT_PROFILE")  # a folder, e.g. runs/profile (bench_export.py --profile)
+    if profile:  # ORT's per-node timings, one JSON per session, there (never in the working directory)
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(profile) / "onnxruntime_profile")
     return opts
 
 

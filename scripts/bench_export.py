@@ -9,7 +9,7 @@
            each step; greedy, no early stop) at generated lengths 8/16/24/32, plus ORT cached
 
     python scripts/bench_export.py [--checkpoint DIR | --preset small] [--data PATH] [--threads 1]
-           [--encode-n 256] [--decode-n 16] [--step-rows 64] [--out results/bench_export]
+           [--encode-n 256] [--decode-n 16] [--step-rows 64] [--out results/bench_export] [--profile runs/profile]
 
 Default model: the `small` preset (MiniLM backbone from the pip package, decoder d_model 256 x 3 layers) with
 a random-initialised decoder (speed only: random decoders never emit EOS, so every search runs to max_length);
@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from invemb.paths import display_command, display_path
 from invemb.util import best_of, cpu_isa, cpu_name
 
 
@@ -180,12 +180,13 @@ def run(args) -> dict:
         steps = step_bench(model, ort32, np.ascontiguousarray(vecs[rows]), args.lengths, r)
     cfg = model.config
     return {
-        "command": "python scripts/bench_export.py " + shlex.join(args.argv),
+        "command": display_command(["python", "scripts/bench_export.py", *args.argv]),
         "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "threads": args.threads,
-        "model": {"source": args.checkpoint or f"preset {args.preset} (decoder random-initialised)",
+        "model": {"source": (display_path(args.checkpoint) if args.checkpoint
+                             else f"preset {args.preset} (decoder random-initialised)"),
                   "backbone": cfg.encoder.model_name, "sentence_dim": cfg.encoder.sentence_dim,
                   "decoder": f"{cfg.decoder.kind} d_model {cfg.decoder.d_model} x {cfg.decoder.n_layers} layers",
                   "max_length": cfg.encoder.max_length, "vocab": len(model.tokenizer)},
@@ -283,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 24, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/bench_export")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also write ONNX Runtime's per-node profile of every session under DIR (e.g. runs/profile)")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if args.profile:
+        os.environ["INVEMB_ORT_PROFILE"] = args.profile  # read by invemb.ort.session_options
     from invemb.errors import InvembError
     try:
         res = run(args)
