@@ -169,7 +169,9 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             meta = {"format_version": FORMAT_VERSION, "invemb_model": self.config.to_dict(),
-                    "backbone_config": self.encoder.backbone.config.to_dict(), "vocab_size": len(self.tokenizer),
+                    "backbone_config": {**self.encoder.backbone.config.to_dict(),  # named, not the machine's path
+                                        "_name_or_path": self.config.encoder.model_name},
+                    "vocab_size": len(self.tokenizer),
                     "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id},
                     "backbone_weights": "included" if backbone else "external"}
             if extra:
