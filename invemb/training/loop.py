@@ -24,10 +24,10 @@ from invemb.paths import resolve_path
 from invemb.text import IGNORE
 from invemb.training.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.training.run_outputs import RunLogger, examples_table, git_hash, make_plots, read_metrics
+from invemb.training.schedule import Schedule
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
-FIT_EVERY = 50  # steps between re-estimates of the schedule's length under fit_to_time
 MAX_PARAPHRASES = 5
 
 
@@ -64,11 +64,12 @@ def _seed(*parts: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, args, out: Path, ds_config: dict | None, train: list[str], val: list[str],
-                 paraphrases: dict[str, list[str]] | None, resume, vocab_ids=None, cache_groups=None):
+                 paraphrases: dict[str, list[str]] | None, resume, vocab_ids=None, cache_groups=None, data=None):
         self.cfg, self.args, self.out, self.ds_config = cfg, args, out, ds_config
         self.train_texts, self.val_texts, self.paraphrases, self.resume = train, val, paraphrases, resume
         self.vocab_ids = vocab_ids  # compact output vocabulary (tokenizer ids) of a fresh model, or None
         self.cache_groups = cache_groups or [train + val]  # the feature cache's groups of texts (cached apart)
+        self.data = data  # the training texts' fingerprint + data facts (invemb.training.resume), kept in checkpoints
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -162,15 +163,6 @@ class Trainer:
             torch.distributed.barrier()
         return cache if self.main else ConcatCache.open_or_build(*args)
 
-    def _lr_at(self, step: int) -> float:
-        """The cosine schedule: linear warm-up over warmup_steps, then cosine from lr to min_lr at self.total."""
-        import math
-        cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, self.total - cfg.warmup_steps))
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-
     def _fresh_model(self, like):
         from transformers import AutoModel
         from invemb.model import InvertibleEmbedder
@@ -227,20 +219,22 @@ class Trainer:
         self.setup()
         cfg, eng = self.cfg, self.eng
         per_epoch = len(self.train_texts) // cfg.batch_size // cfg.grad_accum
-        self.total = self.total_cap = min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch)
-        self.first_step = self.step
+        # the cosine's end + the time budget, continued from the resumed checkpoint's state (invemb.training.schedule)
+        sched = self.schedule = Schedule(cfg, min(cfg.max_steps or 10 ** 12, cfg.epochs * per_epoch),
+                                         self.resume[1] if self.resume else None)
         stop_at = self.args.stop_after_steps
-        bar = tqdm(total=self.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=sched.total, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
         self.t_start, self.cpu_start = time.time(), time.process_time()
+        sched.start(self.step)
         window = TrainWindow()
         self._train(True)
-        while self.step < self.total and self.epoch < cfg.epochs:
+        while self.step < sched.total and self.epoch < cfg.epochs:
             batches = self._epoch_batches(self.epoch)
             for bi in range(self.batch_pos, len(batches)):
                 _seed(cfg.seed, self.epoch, bi, self.rank)
                 rows = batches[bi][self.rank * self.micro:(self.rank + 1) * self.micro]
                 if cfg.lr_schedule == "cosine" and bi % cfg.grad_accum == 0:
-                    eng.set_lr(self._lr_at(self.step))
+                    eng.set_lr(sched.lr_at(self.step))
                 out = eng.train_micro_batch(**self._batch(self.train_ids, self.train_mask, rows, True,
                                                           getattr(self, "train_cache_rows", None)))
                 self._accumulate(window, out)
@@ -248,10 +242,9 @@ class Trainer:
                     continue
                 self.step += 1
                 bar.update(1)
-                if cfg.fit_to_time and cfg.max_minutes > 0 and self.step % FIT_EVERY == 0:
-                    self._fit_total_to_time(bar)
-                out_of_time = cfg.max_minutes > 0 and time.time() - self.t_start >= 60 * cfg.max_minutes
-                epoch_end, last = bi + 1 == len(batches), self.step >= self.total or out_of_time
+                if sched.after_step(self.step):  # fit_to_time re-fitted the cosine's end
+                    bar.total = sched.total
+                epoch_end, last = bi + 1 == len(batches), self.step >= sched.total or sched.out_of_time()
                 if self.step % cfg.log_every == 0 or last:
                     self._log_train(window, bar)
                     window = TrainWindow()
@@ -276,17 +269,6 @@ class Trainer:
             break  # the inner loop broke (last step, out of time): leave the epoch loop too
         bar.close()
         self._finish()
-
-    def _fit_total_to_time(self, bar) -> None:
-        """fit_to_time: shrink self.total (the cosine's end) to the steps that the pace so far in this process
-        (validation and saves included) fits before max_minutes; never beyond max_steps / epochs. Re-estimated
-        every FIT_EVERY steps, so a change of pace moves the end of the schedule, not the deadline."""
-        done = self.step - self.first_step
-        elapsed = time.time() - self.t_start
-        left = max(0.0, 60 * self.cfg.max_minutes - elapsed)
-        fitted = self.step + int(left * done / max(elapsed, 1e-9))
-        self.total = max(self.step + 1, min(self.total_cap, fitted))
-        bar.total = self.total
 
     def _train(self, mode: bool) -> None:
         (self.eng.engine if isinstance(self.eng, DeepSpeedEngine) else self.eng.module).train(mode)
@@ -383,7 +365,9 @@ class Trainer:
         state = {"step": self.step, "epoch": epoch, "batch": batch, "world_size": self.world,
                  "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
                  "engine": "deepspeed" if self.ds_config is not None else "plain", "zero_stage": self.eng.stage,
-                 "train_headlines": len(self.train_texts), "device": self.device.type, **self._time_totals()}
+                 "train_headlines": len(self.train_texts), "device": self.device.type, **self._time_totals(),
+                 **self.schedule.state(), "data": self.data, "recipe_file": str(getattr(self.args, "config", "")),
+                 "bf16": bool(getattr(self.eng, "bf16", False))}
         if self.device.type == "cuda":  # the model card names the GPU of a GPU run (its wall hours = GPU hours)
             state["accelerator"] = torch.cuda.get_device_name(self.device)
         self.eng.save(self.ckpt_dir, tag, state)

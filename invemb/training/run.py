@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="headlines folder/CSV/TXT (default: $INVEMB_DATA)")
     ap.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--allow-data-change", action="store_true",
+                    help="--resume even though the training texts or the recipe's data keys changed (a new order)")
     ap.add_argument("--stop-after-steps", type=int, default=0,
                     help="debug: checkpoint and exit after this many optimizer steps (simulates a kill)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -79,8 +81,11 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: int):
-    """Validate the run folder against the request; returns (tag, state) to resume from, or None."""
+def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: int, data: dict | None = None,
+                 allow_data_change: bool = False):
+    """Validate the run folder against the request; returns (tag, state) to resume from, or None. data: this
+    run's data state (invemb.training.resume.data_state), refused when it differs from the checkpoint's unless
+    allow_data_change (then a warning)."""
     from invemb.training.engine import read_state
     found = read_state(out / "checkpoints")
     if not resume:
@@ -103,6 +108,17 @@ def check_resume(out: Path, resume: bool, cfg: TrainConfig, world: int, stage: i
         if state.get(key) != now:
             raise InvembError(f"cannot resume {out}: {key} was {state.get(key)!r}, now {now!r} (the data order and "
                               "ZeRO shards depend on it; start a new --out or consolidate the weights first)")
+    if data is not None:
+        from invemb.training.resume import data_difference
+        # a checkpoint from before data states: its run's config.json and training-text count
+        saved = state.get("data") or {"recipe": old, "texts": state.get("train_headlines")}
+        change = data_difference(saved, data)
+        if change and not allow_data_change:
+            raise InvembError(f"cannot resume {out}: the training data differs from its checkpoint's ({change}); "
+                              "the resumed order would not be the run's: start a new --out, or pass "
+                              "--allow-data-change to go on anyway")
+        if change:
+            print(f"warning: resuming {out} on changed training data ({change}; --allow-data-change)", flush=True)
     return found
 
 
@@ -188,16 +204,20 @@ def main(argv=None) -> int:
             paraphrases = load_paraphrases(resolve_path(cfg.paraphrase_file))
             if not any(t in paraphrases for t in train):
                 raise InvembError(f"paraphrase_file {cfg.paraphrase_file}: no training headline has paraphrases")
+        from invemb.data import resolve_data_path
+        from invemb.training.resume import data_facts, data_state
+        facts = data_facts(cfg, resolve_data_path(args.data), split, len(train))  # before augmentation
         vocab_ids = prepare_model_config(cfg, train)
         train, cache_groups = augment(cfg, train, [r.text for r in split.train + split.val], rank == 0)
         stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
-        resume = check_resume(out, args.resume, cfg, world, stage)
+        data = data_state(cfg, train, facts)  # the training texts' fingerprint: the checkpoints hold it
+        resume = check_resume(out, args.resume, cfg, world, stage, data, args.allow_data_change)
     except InvembError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     from invemb.training.loop import Trainer
-    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_groups).run()
+    Trainer(cfg, args, out, ds_config, train, val, paraphrases, resume, vocab_ids, cache_groups, data).run()
     return 0
 
 
