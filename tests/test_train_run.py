@@ -180,31 +180,48 @@ def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path)
 
 def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     """fit_to_time: the schedule's length is the steps the pace so far fits before max_minutes (capped by
-    max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way."""
+    max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way; a resumed
+    schedule (from its checkpoint state) keeps the fitted end and the time already spent."""
     import types
 
     from invemb.config import preset
-    from invemb.training import loop
+    from invemb.training import schedule
     clock = [1000.0]
-    monkeypatch.setattr(loop.time, "time", lambda: clock[0])
-    t = loop.Trainer.__new__(loop.Trainer)
-    t.cfg = preset("toy")
-    t.cfg.max_minutes, t.cfg.fit_to_time, t.cfg.lr_schedule, t.cfg.warmup_steps = 2.0, True, "cosine", 0
-    t.t_start, t.first_step, t.total_cap, bar = 1000.0, 40, 10 ** 6, types.SimpleNamespace(total=None)
-    t.step, clock[0] = 140, 1030.0  # 100 steps in 30 s of a 120 s budget: 300 more fit
-    t._fit_total_to_time(bar)
-    assert t.total == 440 and bar.total == 440
-    assert t._lr_at(440) == pytest.approx(t.cfg.min_lr)  # the cosine ends where the time does
-    assert t._lr_at(439) - t.cfg.min_lr < 1e-4 * (t.cfg.lr - t.cfg.min_lr)  # the last step that fits: ~min_lr
-    t.step, clock[0] = 240, 1090.0  # slower since (200 steps in 90 s): the end moves closer
-    t._fit_total_to_time(bar)
-    assert t.total == 240 + int(30 * 200 / 90)
-    t.total_cap = 250  # never beyond max_steps / epochs
-    t._fit_total_to_time(bar)
-    assert t.total == 250
-    t.total_cap, clock[0] = 10 ** 6, 2000.0  # past the deadline: the schedule ends at the next step
-    t._fit_total_to_time(bar)
-    assert t.total == 241
+    monkeypatch.setattr(schedule, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    cfg = preset("toy")
+    cfg.max_minutes, cfg.fit_to_time, cfg.lr_schedule, cfg.warmup_steps = 2.0, True, "cosine", 0
+    s = schedule.Schedule(cfg, 10 ** 6)
+    s.start(40)
+    clock[0] = 1030.0  # 100 steps in 30 s of a 120 s budget: 300 more fit
+    s.fit(140)
+    assert s.total == 440
+    assert s.lr_at(440) == pytest.approx(cfg.min_lr)  # the cosine ends where the time does
+    assert s.lr_at(439) - cfg.min_lr < 1e-4 * (cfg.lr - cfg.min_lr)  # the last step that fits: ~min_lr
+    clock[0] = 1090.0  # slower since (200 steps in 90 s): the end moves closer
+    assert s.after_step(240) is False and s.total == 440  # refitted every FIT_EVERY steps only
+    s.fit(240)
+    assert s.total == 240 + int(30 * 200 / 90)
+    saved = s.state()
+    assert saved == {"schedule_total": 306, "budget_spent_s": 90.0}
+    clock[0] = 5000.0  # another process resumes the checkpoint of step 240
+    r = schedule.Schedule(cfg, 10 ** 6, saved)
+    r.start(240)
+    assert r.total == 306 and r.lr_at(250) == s.lr_at(250)  # the same schedule, not max_steps'
+    clock[0] = 5029.0
+    assert not r.out_of_time()
+    clock[0] = 5030.0  # 90 s before the checkpoint + 30 s now: the 2 minutes are spent
+    assert r.out_of_time() and r.state()["budget_spent_s"] == 120.0
+    clock[0] = 5020.0  # 60 steps in this process's 20 s, 10 s left: 30 more steps
+    r.fit(300)
+    assert r.total == 330
+    r.cap = 310  # never beyond max_steps / epochs
+    r.fit(300)
+    assert r.total == 310
+    r.cap, clock[0] = 10 ** 6, 9000.0  # past the deadline: the schedule ends at the next step
+    r.fit(300)
+    assert r.total == 301
+    cfg.fit_to_time = False  # without fit_to_time a checkpoint's total is not used: max_steps is the end
+    assert schedule.Schedule(cfg, 500, saved).total == 500
     from invemb.config import TrainConfig
     from invemb.errors import InvembError
     for bad in ({"max_minutes": 0}, {"max_minutes": 5, "lr_schedule": "plateau"}):  # nothing to fit: an error
