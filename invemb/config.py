@@ -91,7 +91,8 @@ class TrainConfig:
     preset: str = "small"
     epochs: int = 1
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps (the cosine horizon)
-    max_minutes: float = 0.0  # > 0: also stop (validate, save, finish) after this many minutes in this process
+    max_minutes: float = 0.0  # > 0: also stop (validate, save, finish) after this many minutes of training in the
+    # run (a resumed run counts the minutes before its checkpoint: invemb.training.schedule)
     fit_to_time: bool = False  # with max_minutes + cosine: the schedule's length follows the measured pace, so the
     # learning rate reaches min_lr at the deadline instead of being cut off mid-schedule
     batch_size: int = 128  # global batch (all ranks, before gradient accumulation)
