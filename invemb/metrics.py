@@ -114,3 +114,60 @@ def text_metrics(hyps: Sequence[str], refs: Sequence[str], scorer: str | None = 
         out["bertscore_f1"] = bertscore_f1(hyps, refs, scorer)
         out["paraphrase_cos"] = paraphrase_cosine(hyps, refs, paraphrase_model or scorer)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ facts (issue 29)
+def fact_scores(hyp: str, original: str) -> dict[str, int]:
+    """Counts for one headline: numbers / names of `original` and how many of each `hyp` holds. A number counts
+    with its separators, currency and unit ("5.5%" is not "55%" nor "5.5"), WordPiece spacing inside it joined
+    and case ignored (invemb.facts.number_keys); a name is a capitalised word of the original other than its
+    first (invemb.facts.find_names), found as a whole word (invemb.facts.name_count). Repeats count as often as
+    the original holds them."""
+    from collections import Counter
+
+    from invemb.facts import find_names, name_count, number_keys
+    ref_nums, hyp_nums = Counter(number_keys(original)), Counter(number_keys(hyp))
+    names = Counter(n.lower() for n in find_names(original))
+    return {"numbers": sum(ref_nums.values()), "numbers_found": sum((ref_nums & hyp_nums).values()),
+            "names": sum(names.values()), "names_found": sum(min(c, name_count(n, hyp)) for n, c in names.items())}
+
+
+def fact_metrics(hyps: Sequence[str], originals: Sequence[str]) -> dict[str, float]:
+    """number_recall / name_recall (over every number / name of the originals), numbers_all_right (share of the
+    headlines holding a number whose numbers all come back), facts_all_right (share of the headlines holding a
+    number or a name whose numbers AND names all come back), and the counts behind them."""
+    rows = [fact_scores(h, o) for h, o in zip(hyps, originals)]
+    with_num = [r for r in rows if r["numbers"]]
+    with_fact = [r for r in rows if r["numbers"] or r["names"]]
+    nums, names = sum(r["numbers"] for r in rows), sum(r["names"] for r in rows)
+    return {"number_recall": sum(r["numbers_found"] for r in rows) / max(1, nums),
+            "name_recall": sum(r["names_found"] for r in rows) / max(1, names),
+            "numbers_all_right": float(np.mean([r["numbers_found"] == r["numbers"] for r in with_num]))
+            if with_num else 0.0,
+            "facts_all_right": float(np.mean([r["numbers_found"] == r["numbers"] and r["names_found"] == r["names"]
+                                              for r in with_fact])) if with_fact else 0.0,
+            "n_numbers": nums, "n_names": names, "with_numbers": len(with_num), "with_facts": len(with_fact)}
+
+
+# ------------------------------------------------------------------------------------------------ written form (issue 30)
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def surface_metrics(written: Sequence[str], originals: Sequence[str]) -> dict[str, float]:
+    """Decoded text as written against the original headlines (whitespace collapsed on both sides): raw_exact
+    (case- and space-sensitive), caseless_exact (case ignored, spacing not), cased_bleu (sacrebleu on the original
+    strings, case-sensitive)."""
+    hyps, refs = [_collapse(h) for h in written], [_collapse(o) for o in originals]
+    return {"raw_exact": exact_match(hyps, refs),
+            "caseless_exact": exact_match([h.casefold() for h in hyps], [r.casefold() for r in refs]),
+            "cased_bleu": bleu(hyps, refs)}
+
+
+def exact_split(hyps: Sequence[str], refs: Sequence[str], mask: Sequence[bool]) -> dict[str, float]:
+    """Exact match of the rows where `mask` holds vs the others (issue 33: headlines with a WordPiece outside the
+    decoder's compact vocabulary vs the rest), with the row counts."""
+    inside = [(h, r) for h, r, m in zip(hyps, refs, mask) if m]
+    rest = [(h, r) for h, r, m in zip(hyps, refs, mask) if not m]
+    return {"exact_with": exact_match(*zip(*inside)) if inside else 0.0, "n_with": len(inside),
+            "exact_without": exact_match(*zip(*rest)) if rest else 0.0, "n_without": len(rest)}
