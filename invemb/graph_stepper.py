@@ -80,14 +80,35 @@ class GraphStepper:
 ITEM = "_item"  # cache entry (never fed to a graph): the batch item of each cache row
 
 
+def surface_tags(run: Runner, manifest: dict, vectors: np.ndarray, ids: list[list[int]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Case / space tags [N,T] of generated ids (no specials; row i: the tags of its ids) from ONE run of the
+    decoder_surface graph: input_ids [N,1+T] = [CLS] + pieces, padded after (the decoder is causal, so padding
+    changes no earlier tag). The torch model's InvertibleEmbedder._surface_tags, over the export."""
+    from invemb.manifest import SURFACE_GRAPH
+    special = manifest["special_ids"]
+    width = max(1, max((len(r) for r in ids), default=0))
+    x = np.full((len(ids), width + 1), int(special["pad"]), np.int64)  # [N,1+T]
+    x[:, 0] = int(special["bos"])
+    for i, row in enumerate(ids):
+        x[i, 1:1 + len(row)] = row
+    out = run(SURFACE_GRAPH, {"sentence_embedding": np.ascontiguousarray(vectors, dtype=np.float32), "input_ids": x},
+              ["case_logits", "space_logits"])  # [N,1+T,4], [N,1+T,2]
+    return out["case_logits"][:, 1:].argmax(-1), out["space_logits"][:, 1:].argmax(-1)  # [N,T] each
+
+
 class GraphEmbedder(EmbedderBase):
     """The shared encode/decode surface (invemb.embedder.EmbedderBase: n-best decoding, round-trip re-ranking,
-    detokenization) over exported graphs run by any runner, e.g. inside the Triton `beam_search` model (its own
+    detokenization, text as written with a surface table) over exported graphs run by any runner, e.g. inside the Triton `beam_search` model (its own
     ORT sessions, or BLS calls to the `encoder` / decoder models). `run` must also run the `encoder` graph
     (input_ids/attention_mask [b,T] int64 -> sentence_embedding [b,S]) for encode/re-ranking."""
 
-    def __init__(self, run: Runner, manifest: dict, tokenizer, candidates: bool = True):
+    def __init__(self, run: Runner, manifest: dict, tokenizer, candidates: bool = True,
+                 surface_table: dict | None = None):
         self.run, self.manifest, self.tokenizer, self.candidates = run, manifest, tokenizer, candidates
+        # the export's surface table (invemb.manifest.load_export_surface): decode returns text as written, with
+        # `run` also running decoder_surface; None: the normalised text
+        self.surface_table = surface_table
         self.sentence_dim, self.max_length = int(manifest["sentence_dim"]), int(manifest["max_length"])
         ids = manifest["special_ids"]
         self.bos_id, self.eos_id, self.pad_id = int(ids["bos"]), int(ids["eos"]), int(ids["pad"])
@@ -101,6 +122,9 @@ class GraphEmbedder(EmbedderBase):
 
     def _stepper(self, vectors: np.ndarray) -> GraphStepper:
         return GraphStepper(self.run, self.manifest, vectors, self.candidates)
+
+    def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        return surface_tags(self.run, self.manifest, vectors, ids)
 
     def generation_config(self, beam_size: int = 4, max_length: int | None = None, **kw):
         from invemb.manifest import generation_config

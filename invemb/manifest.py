@@ -92,6 +92,7 @@ class ModelDims:
     head_dim: int
     memory_slots: int
     max_length: int  # encoder tokens incl. [CLS]/[SEP]; the decoder's positions; generation max = max_length - 1
+    surface: bool = False  # the decoder has case / space tag heads (invemb.surface): a decoder_surface graph
 
     @property
     def d_model(self) -> int:
@@ -186,10 +187,27 @@ def onepass_specs(d: ModelDims) -> list[GraphSpec]:
                       f"all {t} positions at once; text = argmax cut at the first EOS")]
 
 
+SURFACE_GRAPH = "decoder_surface"
+SURFACE_TOL = Tolerance(atol=2e-4, rtol=1e-4)  # tag logits are O(1-10), like log_probs
+
+
+def surface_spec(d: ModelDims) -> GraphSpec:
+    """The tag heads of invemb.surface over a teacher-forced decoder pass: one call per decoded batch."""
+    from invemb.surface import N_CASE, N_SPACE
+    return GraphSpec(SURFACE_GRAPH,
+                     (float_tensor("sentence_embedding", "batch", d.sentence_dim),
+                      TensorSpec("input_ids", "int64", ("batch", "sequence"))),
+                     (float_tensor("case_logits", "batch", "sequence", N_CASE),
+                      float_tensor("space_logits", "batch", "sequence", N_SPACE)), SURFACE_TOL,
+                     "input_ids = [CLS] + generated pieces (padded after: causal, so padding changes no tag); "
+                     "position i tags piece i (argmax: invemb.surface case / space-before); sequence <= max_length")
+
+
 def graph_specs(d: ModelDims) -> dict[str, GraphSpec]:
-    """All graphs of one export, by name (encoder first)."""
+    """All graphs of one export, by name (encoder first; decoder_surface last, for models with surface heads)."""
     decoders = {"transformer": transformer_specs, "gru": gru_specs, "onepass": onepass_specs}[d.decoder_kind](d)
-    return {g.name: g for g in [encoder_spec(d), *decoders]}
+    surface = [surface_spec(d)] if d.surface and d.decoder_kind == "transformer" else []
+    return {g.name: g for g in [encoder_spec(d), *decoders, *surface]}
 
 
 def model_dims(model) -> ModelDims:
@@ -197,23 +215,30 @@ def model_dims(model) -> ModelDims:
     enc, dec = model.config.encoder, model.config.decoder
     return ModelDims(decoder_kind=dec.kind, sentence_dim=enc.sentence_dim, vocab_size=len(model.tokenizer),
                      num_layers=dec.n_layers, num_heads=dec.n_heads, head_dim=dec.d_model // dec.n_heads,
-                     memory_slots=dec.memory_slots, max_length=enc.max_length)
+                     memory_slots=dec.memory_slots, max_length=enc.max_length,
+                     surface=bool(getattr(model.decoder, "has_surface", False)))
 
 
 # ----------------------------------------------------------------------------------------------- manifest.json
-MANIFEST_VERSION = 1
+# 2: an export of a model with surface heads (decoder_surface graph + surface.json: text as written); such exports
+# say 2 so that a reader of 1 refuses them instead of serving the normalised text. Exports without say 1.
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 
 def build_manifest(dims: ModelDims, opset: int, graphs: dict, special_ids: dict, source: dict) -> dict:
-    """The manifest.json of an export: `graphs` {name: spec.to_json() + sha256}, special_ids {bos, eos, pad}."""
+    """The manifest.json of an export: `graphs` {name: spec.to_json() + sha256}, special_ids {bos, eos, pad};
+    `surface` {graph, table} when the model has surface heads (its table: surface.json beside the manifest)."""
+    surface = SURFACE_GRAPH in graphs
     return {
-        "format_version": MANIFEST_VERSION, "opset": opset, "decoder_kind": dims.decoder_kind,
+        "format_version": MANIFEST_VERSION if surface else 1, "opset": opset, "decoder_kind": dims.decoder_kind,
         "sentence_dim": dims.sentence_dim, "vocab_size": dims.vocab_size, "num_layers": dims.num_layers,
         "num_heads": dims.num_heads, "head_dim": dims.head_dim, "memory_slots": dims.memory_slots,
         "max_length": dims.max_length, "generation_max_length": dims.max_length - 1,
         "special_ids": special_ids, "graphs": graphs, "variants": {}, "tokenizer_dir": "tokenizer",
         "source": source,
+        **({"surface": {"graph": SURFACE_GRAPH, "table": "surface.json"}} if surface else {}),
     }
 
 
@@ -231,9 +256,24 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InvembError(f"{export_dir} is not an invemb ONNX export (no manifest.json)")
     manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_VERSION:
-        raise InvembError(f"{path}: unsupported manifest (format_version {MANIFEST_VERSION} expected)")
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
+        raise InvembError(f"{path}: unsupported manifest (format_version {' or '.join(map(str, READABLE_VERSIONS))} "
+                          "expected)")
     return manifest
+
+
+def load_export_surface(folder, manifest: dict) -> dict | None:
+    """The surface table (piece -> written form) saved beside the manifest, or None for an export without surface
+    heads (its texts are the normalised ones); InvembError when the manifest names a table that is not there."""
+    entry = manifest.get("surface")
+    if not entry:
+        return None
+    path = Path(folder) / entry["table"]
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["table"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvembError(f"{path}: the export's surface table is missing or unreadable ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
 
 
 def graph_files(manifest: dict, variant: str | None = None, where: str | os.PathLike = "", hint: str = ""

@@ -5,6 +5,7 @@ its text/vector surface invemb.embedder.EmbedderBase (the torch model's).
     emb = OnnxEmbedder("onnx/small")            # or OnnxEmbedder("onnx/small", variant="int8")
     vecs = emb.encode(["Oil prices fall as OPEC output rises"])   # float32 [1,S]
     emb.decode(vecs, beam_size=4)                                 # same texts as InvertibleEmbedder.decode
+    emb.decode(vecs, normalized=True)                             # lower-cased WordPiece text (surface models)
     OnnxEmbedder("onnx/small", threads=1, search_workers=2)        # 2 cores for small decode batches
 
 No torch here; onnxruntime and transformers (tokenizer) are imported lazily.
@@ -20,7 +21,7 @@ import numpy as np
 from invemb.embedder import EmbedderBase
 from invemb.errors import InvembError
 from invemb.generation import GenerationConfig
-from invemb.manifest import graph_files, read_manifest
+from invemb.manifest import graph_files, load_export_surface, read_manifest
 
 DEFAULT_THREADS = 2
 # ORT's CPU SkipLayerNormalization kernel (onnxruntime 1.32) is ~8x slower than the Add + LayerNormalization it
@@ -88,6 +89,8 @@ class OnnxEmbedder(EmbedderBase):
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / m["tokenizer_dir"]))
         except (OSError, ValueError) as e:
             raise InvembError(f"cannot load the tokenizer of {self.dir}: {str(e).splitlines()[0]}") from None
+        # an export with surface heads: decode returns text as written (decoder_surface graph + surface.json)
+        self.surface_table = load_export_surface(self.dir, m)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         from invemb.text import tokenize_texts
@@ -106,6 +109,10 @@ class OnnxEmbedder(EmbedderBase):
         return GraphStepper(self.run_graph, self.manifest, vectors, self.candidates)
 
     _stepper = stepper
+
+    def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        from invemb.graph_stepper import surface_tags
+        return surface_tags(self.run_graph, self.manifest, vectors, ids)  # one decoder_surface run
 
     def _onepass_ids(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
         t = self.max_length - 1

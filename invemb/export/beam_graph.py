@@ -189,7 +189,9 @@ parameters {{ key: "inter_op_thread_count" value: {{ string_value: "1" }} }}
 
 
 class OneCallDecoder:
-    """Runs beam_search_op.onnx: vectors -> generated ids per row (BOS dropped, cut at EOS)."""
+    """Runs beam_search_op.onnx: vectors -> generated ids per row (BOS dropped, cut at EOS); `decode` -> texts, as
+    written when the export has surface heads: the op's sequences then go through decoder_surface (one more call,
+    chained here; the BeamSearch op cannot run a third subgraph), else (or normalized=True) normalised."""
 
     def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, file: str | None = None):
         from invemb.ort import make_session
@@ -199,6 +201,25 @@ class OneCallDecoder:
             raise InvembError(f"{self.dir} has no one-call beam search graph (export with --one-call)")
         self.session = make_session(self.dir / (file or m["one_call"]["file"]), threads)
         self.eos, self.pad = int(m["special_ids"]["eos"]), int(m["special_ids"]["pad"])
+        self.threads, self._texts = threads, None
+
+    def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None,
+               normalized: bool = False) -> list[str]:
+        """Vectors [B,S] -> texts: the op's ids, then (surface heads) the tags of one decoder_surface run."""
+        from invemb.manifest import check_vectors
+        vectors = check_vectors(self.manifest, vectors)
+        ids, _ = self.decode_ids(vectors, beam_size, max_length)
+        if self._texts is None:  # the export's tokenizer, surface table and decoder_surface session, once
+            from invemb.graph_stepper import GraphEmbedder
+            from invemb.manifest import load_export_surface, load_export_tokenizer
+            from invemb.ort import make_session
+            table = load_export_surface(self.dir, self.manifest)
+            sess = make_session(self.dir / self.manifest["graphs"]["decoder_surface"]["file"], self.threads) \
+                if table is not None else None
+            self._texts = GraphEmbedder(lambda graph, feeds, names: dict(zip(names, sess.run(names, feeds))),
+                                        self.manifest, load_export_tokenizer(self.dir, self.manifest),
+                                        surface_table=table)
+        return self._texts.texts(vectors, ids, normalized)
 
     def decode_ids(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None
                    ) -> tuple[list[list[int]], np.ndarray]:

@@ -4,7 +4,8 @@
     python export/to_onnx.py --triton-repo model_repository     # the shipped model -> onnx/shipped + the repository
 
 Graphs (names, shapes, tolerances: invemb/manifest.py): encoder.onnx, and for a transformer/GRU decoder
-decoder_init.onnx + decoder_step.onnx (KV cache in/out), for a one-pass decoder decoder_onepass.onnx.
+decoder_init.onnx + decoder_step.onnx (KV cache in/out), for a one-pass decoder decoder_onepass.onnx; a model with
+surface heads also decoder_surface.onnx (case / space tags of decoded pieces: text as written) + surface.json.
 The decoders go through torch's dynamo exporter with dynamic_shapes; example sizes are >= 2 and pairwise distinct
 because that exporter freezes example dimensions of size 0/1 (and would tie equal ones). The encoder goes through
 the TorchScript exporter with eager attention (faster in ONNX Runtime: _export_torchscript; --encoder-exporter
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from invemb.errors import InvembError
 from invemb.export.placement import fresh_triton_repo, place_in_triton_repo, replace_dir, served_variant
-from invemb.manifest import (GraphSpec, build_manifest, cache_output_names, graph_specs, model_dims,
+from invemb.manifest import (SURFACE_GRAPH, GraphSpec, build_manifest, cache_output_names, graph_specs, model_dims,
                              present_outputs, read_manifest, write_manifest)
 
 DEFAULT_OPSET = 18
@@ -104,15 +105,29 @@ def _wrappers():
         def forward(self, sentence_embedding):  # [B,S] -> logits [B,T,V]
             return self.decoder(sentence_embedding, length=self.length).float()
 
-    return Encoder, DecoderInit, DecoderStep, OnePass
+    class Surface(nn.Module):
+        """sentence_embedding [B,S] + input_ids [B,t] ([CLS] + pieces) -> case_logits [B,t,4], space_logits [B,t,2]:
+        the surface heads on one teacher-forced decoder pass (TransformerDecoder.surface_logits / states)."""
+
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, sentence_embedding, input_ids):
+            case, space = self.decoder.surface_logits(self.decoder.states(sentence_embedding, input_ids))
+            return case.float(), space.float()
+
+    return Encoder, DecoderInit, DecoderStep, OnePass, Surface
 
 
 def graph_module(model, name: str, spec: GraphSpec):
     """The torch computation graph `name` is traced from, with a flat tensor signature (the exporter exports it;
     the validator compares ONNX Runtime against it)."""
-    Encoder, DecoderInit, DecoderStep, OnePass = _wrappers()
+    Encoder, DecoderInit, DecoderStep, OnePass, Surface = _wrappers()
     if name == "encoder":
         return Encoder(model.encoder)
+    if name == SURFACE_GRAPH:
+        return Surface(model.decoder)
     top_k = next((t.shape[-1] for t in spec.outputs if t.name == "top_ids"), 0)
     if name == "decoder_init":
         return DecoderInit(model.decoder, model.bos_id, cache_output_names(spec), top_k)
@@ -245,6 +260,9 @@ def export_model(model, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, 
             check_graph(path, spec)
             graphs[name] = {**spec.to_json(), "sha256": _sha256(path), "exporter": exporter}
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if SURFACE_GRAPH in graphs:  # the written forms the TABLE case tag reads (manifest "surface")
+            from invemb.surface import save_table
+            save_table(tmp, model.surface_table or {})
         manifest = build_manifest(
             dims, opset, graphs, special_ids={"bos": model.bos_id, "eos": model.eos_id, "pad": model.pad_id},
             source={"checkpoint": source, "invemb": invemb.__version__, "torch": torch.__version__,

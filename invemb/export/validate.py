@@ -7,7 +7,8 @@
    stated in invemb/manifest.py (and the manifest).
 2. Beam search parity: N real validation headlines through the full ORT pipeline (OnnxEmbedder: ORT encoder +
    the core beam search over the ORT GraphStepper) and through the ORT decoder from torch vectors must give exactly the
-   texts InvertibleEmbedder.decode gives. Prints a table; exit 1 on any failure, 2 on bad input.
+   texts InvertibleEmbedder.decode gives (as written for a model with surface heads: then also its tags, ORT
+   decoder_surface vs torch, and the normalised texts). Prints a table; exit 1 on any failure, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -113,9 +114,25 @@ def beam_parity(model, export_dir: str | Path, texts: list[str], beam_size: int 
                 same_full == n),
             Row(f"beam{beam_size} texts", "torch vectors, ORT decoder", f"{same_dec}/{n} equal", f"{n}/{n}",
                 same_dec == n)]
+    if model.writes_surface:  # the texts above are as written: also the tags themselves, and the normalised texts
+        rows += surface_rows(model, onnx, vec_torch, beam_size)
     details = {"torch": ref, "ort": full, "ort_decoder": dec, "torch_exact_match": exact / max(1, n),
                "vector_max_abs_diff": float(np.abs(vec_torch - vec_ort).max(initial=0.0))}
     return rows, details
+
+
+def surface_rows(model, onnx, vectors: np.ndarray, beam_size: int) -> list[Row]:
+    """decoder_surface (ORT) vs the torch heads: tags of torch's pieces for torch vectors, row by row, and the
+    normalised texts (decode(normalized=True)) of both."""
+    ids = model.decode_ids(vectors, beam_size=beam_size)
+    (case_t, space_t), (case_o, space_o) = model._surface_tags(vectors, ids), onnx._surface_tags(vectors, ids)
+    same = sum(np.array_equal(case_t[i, :len(r)], case_o[i, :len(r)]) and
+               np.array_equal(space_t[i, :len(r)], space_o[i, :len(r)]) for i, r in enumerate(ids))
+    norm = sum(a == b for a, b in zip(model.detokenize(ids), onnx.decode(vectors, beam_size, normalized=True)))
+    n = len(ids)
+    return [Row("surface tags", "torch pieces + vectors, ORT decoder_surface", f"{same}/{n} rows equal", f"{n}/{n}",
+                same == n),
+            Row(f"beam{beam_size} texts", "normalized=True, ORT decoder", f"{norm}/{n} equal", f"{n}/{n}", norm == n)]
 
 
 def print_table(rows: list[Row], file=None) -> None:
