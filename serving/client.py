@@ -5,11 +5,11 @@
     python serving/client.py decode vecs.npy --mode client --export onnx/small      # beam search here
     python serving/client.py roundtrip headlines.txt [--mode client --export onnx/small]
 
-The entry point only: `TritonClient` and the CLI are in invemb.serving.client.
+The entry point only: `TritonClient` is in invemb.serving.client, the CLI in invemb.serving.client_cli.
 """
 import sys
 
-from invemb.serving.client import main
+from invemb.serving.client_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

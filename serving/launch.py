@@ -2,12 +2,12 @@
 
     python serving/launch.py --repo model_repository            # runs until Ctrl-C
 
-The entry point only: the server folder, ports, process group and watchdog are in invemb.serving.launch
-(`TritonServer` is the library / test-fixture form).
+The entry point only: the CLI is invemb.serving.launch_cli; the server process, its supervisor (restarts) and
+reaper are in invemb.serving.launch / supervise / procs (`TritonServer` is the library / test-fixture form).
 """
 import sys
 
-from invemb.serving.launch import main
+from invemb.serving.launch_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -9,15 +9,13 @@ Server-side decoding calls the `beam_search` model (BLS); client-side decoding r
 (invemb.generation.generate) here with `grpc_stepper`, whose start/step call `decoder_init`/`decoder_step` over
 gRPC; both give the same texts. Requests run asynchronously with a bounded number in flight, a per-request
 timeout, and retries with exponential backoff on UNAVAILABLE and on the two transient answers of a model whose
-process crashed and is being reloaded by the server's stub watch (invemb.serving.launch.StubWatch): INTERNAL "Stub
-process ... is not healthy" and NOT_FOUND "... has no available versions". A rejected request raises ClientError
-carrying the server's message (CLI: one line on stderr, exit code 2).
+process crashed or stalled and the server is being restarted by its supervisor (invemb.serving.supervise), over
+a time budget (retry_budget, default RETRY_BUDGET_S). A rejected request raises ClientError carrying the server's
+message, its rows rewritten into the caller's (a file's lines: label). The CLI is invemb.serving.client_cli.
 """
 from __future__ import annotations
 
-import argparse
 import queue
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +25,17 @@ from typing import Sequence
 import numpy as np
 
 from invemb.errors import InvembError
+from invemb.limits import MAX_BATCH_SIZE, MAX_TEXT_CHARS, MAX_VECTOR_ABS
+from invemb.serving.checks import problems_message, relabel, text_problems, vector_problems
 from invemb.text import length_sorted_batches
 
-RETRYABLE = ("UNAVAILABLE",)
-# (status, message part): a model process crashed (until the server notices) / the model is being reloaded
-RELOADING = (("INTERNAL", "is not healthy"), ("NOT_FOUND", "has no available versions"))
+RETRY_BUDGET_S = 120.0  # default seconds a request keeps retrying transient answers (a restart: serving/README.md)
+# (status, message part) of transient answers: the server is down or restarting (UNAVAILABLE: connection refused /
+# reset, stream removed), a model process crashed or stalled and the supervisor has not restarted the server yet
+# (INTERNAL "Stub process ... is not healthy"), a model not loaded yet (NOT_FOUND "... has no available versions")
+TRANSIENT = (("UNAVAILABLE", ""), ("INTERNAL", "is not healthy"), ("NOT_FOUND", "has no available versions"),
+             ("INTERNAL", "RST_STREAM"), ("CANCELLED", ""))
+RELOADING = TRANSIENT[1:3]  # the earlier name of the model-process answers (scripts/load_serving.py)
 NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
                 np.dtype(np.object_): "BYTES", np.dtype(np.bool_): "BOOL"}
 
@@ -53,15 +57,27 @@ def unsort(rows: list[np.ndarray], parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-class TritonClient:
-    """A gRPC connection to the invemb model repository (see serving/README.md for the models)."""
+def _first_line(text) -> str:
+    return (str(text or "").strip().splitlines() or [""])[0][:400]
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 0.5, ready_timeout: float = 0.0):
+
+class TritonClient:
+    """A gRPC connection to the invemb model repository (see serving/README.md for the models).
+
+    Transient answers (TRANSIENT) are retried with exponential backoff (backoff, doubling, at most max_backoff s
+    apart) for up to `retry_budget` seconds from a request's first transient answer (and at most `retries` times
+    when given); then one ClientError line says what happened. Requests are split to the server's limits (the
+    max_batch_size, max_beam_size and max_text_chars of its model configs, read once)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 120.0, retries: int | None = None,
+                 backoff: float = 0.25, ready_timeout: float = 0.0, retry_budget: float = RETRY_BUDGET_S,
+                 max_backoff: float = 4.0):
         import tritonclient.grpc as grpcclient
         self.grpc = grpcclient
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.retry_budget, self.max_backoff = retry_budget, max_backoff
         self.client = grpcclient.InferenceServerClient(url)
+        self._configs: dict[str, dict] = {}
         if ready_timeout:
             self.wait_ready(ready_timeout)
 
@@ -74,7 +90,7 @@ class TritonClient:
                     return
                 last = "server or models not ready"
             except Exception as e:  # noqa: BLE001 - connection refused while starting
-                last = str(e).splitlines()[0]
+                last = _first_line(e)
             time.sleep(0.5)
         raise ClientError(f"Triton at {self.url} is not ready after {timeout:.0f} s ({last})")
 
@@ -87,44 +103,73 @@ class TritonClient:
             out.append(t)
         return out
 
-    def _error(self, model: str, error) -> ClientError:
-        status = str(error.status() or "").replace("StatusCode.", "")
-        hint = (" (the server's model process crashed and did not come back within the retries: see the server "
-                "log)" if self._reloading(error) else "")
-        return ClientError(f"{model}: {status or 'error'}: {error.message()}{hint}")
+    @staticmethod
+    def _status(error) -> str:
+        return str(error.status() or "").replace("StatusCode.", "") or "error"
+
+    def _error(self, model: str, error, rows=None, label=None) -> ClientError:
+        message = _first_line(error.message())
+        if rows is not None and label is not None:
+            message = relabel(message, rows, label)
+        return ClientError(f"{model}: {self._status(error)}: {message}")
+
+    def _gave_up(self, model: str, error, attempts: int, seconds: float) -> ClientError:
+        return ClientError(f"{model}: {self._status(error)}: {_first_line(error.message())} -- still failing after "
+                           f"{seconds:.0f} s and {attempts} retries (retry budget {self.retry_budget:g} s): the "
+                           f"server at {self.url} is down or restarting for longer than that; its log says why")
 
     @staticmethod
-    def _reloading(error) -> bool:
+    def _transient(error) -> bool:
         status, message = str(error.status() or ""), str(error.message() or "")
-        return any(code in status and part in message for code, part in RELOADING)
+        return any(code in status and part in message for code, part in TRANSIENT)
 
-    @classmethod
-    def _retryable(cls, error) -> bool:
-        return any(code in str(error.status() or "") for code in RETRYABLE) or cls._reloading(error)
+    def _retry_in(self, attempts: int, first_failure: float) -> float | None:
+        """Seconds to wait before retry number attempts + 1, or None when the budget / retries are spent."""
+        wait = min(self.max_backoff, self.backoff * 2 ** attempts)
+        if self.retries is not None and attempts >= self.retries:
+            return None
+        return wait if time.monotonic() + wait - first_failure <= self.retry_budget else None
+
+    def _call(self, model: str, fn):
+        """fn() retried on transient answers within the budget."""
+        from tritonclient.utils import InferenceServerException
+        attempts, first = 0, None
+        while True:
+            try:
+                return fn()
+            except InferenceServerException as e:
+                if not self._transient(e):
+                    raise self._error(model, e) from None
+                first = first if first is not None else time.monotonic()
+                wait = self._retry_in(attempts, first)
+                if wait is None:
+                    raise self._gave_up(model, e, attempts, time.monotonic() - first) from None
+                time.sleep(wait)
+                attempts += 1
 
     def infer(self, model: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """One synchronous request (retried on UNAVAILABLE / a reloading model) -> {output name: array}."""
-        from tritonclient.utils import InferenceServerException
-        for attempt in range(self.retries + 1):
-            try:
-                result = self.client.infer(model, self._inputs(feeds), client_timeout=self.timeout,
-                                           outputs=[self.grpc.InferRequestedOutput(n) for n in outputs])
-                return {n: result.as_numpy(n) for n in outputs}
-            except InferenceServerException as e:
-                if not self._retryable(e) or attempt == self.retries:
-                    raise self._error(model, e) from None
-                time.sleep(self.backoff * 2 ** attempt)
-        raise AssertionError("unreachable")
+        """One synchronous request (retried on transient answers) -> {output name: array}."""
+        def once():
+            result = self.client.infer(model, self._inputs(feeds), client_timeout=self.timeout,
+                                       outputs=[self.grpc.InferRequestedOutput(n) for n in outputs])
+            return {n: result.as_numpy(n) for n in outputs}
+        return self._call(model, once)
 
     def infer_many(self, model: str, requests: Sequence[dict[str, np.ndarray]], outputs: Sequence[str],
-                   max_in_flight: int = 4, progress: bool = False, desc: str = "") -> list[dict[str, np.ndarray]]:
-        """Asynchronous requests, at most `max_in_flight` at a time; results in request order."""
+                   max_in_flight: int = 4, progress: bool = False, desc: str = "", rows=None,
+                   label=None) -> list[dict[str, np.ndarray]]:
+        """Asynchronous requests, at most `max_in_flight` at a time; results in request order. rows[i]: the user's
+        indices of request i's rows and label(indices) their words, so that a rejected request's error names
+        the user's lines (invemb.serving.checks.relabel) instead of the request's rows."""
+        import heapq
+
         from tqdm.auto import tqdm
         done: queue.Queue = queue.Queue()
         results: list = [None] * len(requests)
-        attempts = [0] * len(requests)
-        pending, in_flight = deque(range(len(requests))), 0
+        attempts, first = [0] * len(requests), [0.0] * len(requests)
+        pending, waiting, in_flight = deque(range(len(requests))), [], 0  # waiting: heap of (retry time, i)
         requested = [self.grpc.InferRequestedOutput(n) for n in outputs]
+        quiet_limit = self.timeout + 30  # no answer at all for this long: the connection is gone
 
         def submit(i: int) -> None:
             def callback(result=None, error=None):  # tritonclient calls it with keyword arguments
@@ -132,49 +177,104 @@ class TritonClient:
             self.client.async_infer(model, self._inputs(requests[i]), callback, outputs=requested,
                                     client_timeout=self.timeout)
 
+        def fail(err: ClientError, in_flight: int) -> ClientError:
+            while in_flight:  # let the others finish before raising (no callbacks into a dead loop)
+                done.get(timeout=quiet_limit)
+                in_flight -= 1
+            return err
+
+        last_answer = time.monotonic()
         with tqdm(total=len(requests), disable=not progress, desc=desc or model, unit="req") as bar:
-            while pending or in_flight:
+            while pending or waiting or in_flight:
+                now = time.monotonic()
+                while waiting and waiting[0][0] <= now:
+                    pending.append(heapq.heappop(waiting)[1])
                 while pending and in_flight < max(1, max_in_flight):
                     submit(pending.popleft())
                     in_flight += 1
+                if not in_flight:  # only retries waiting
+                    time.sleep(max(0.0, waiting[0][0] - now))
+                    continue
                 try:
-                    i, result, error = done.get(timeout=self.timeout + 30)
+                    i, result, error = done.get(timeout=min(quiet_limit, max(0.01, waiting[0][0] - now))
+                                                if waiting else quiet_limit)
                 except queue.Empty:
-                    raise ClientError(f"{model}: no answer from {self.url} within {self.timeout + 30:.0f} s") from None
-                in_flight -= 1
-                if error is not None:
-                    if self._retryable(error) and attempts[i] < self.retries:
-                        time.sleep(self.backoff * 2 ** attempts[i])
-                        attempts[i] += 1
-                        pending.appendleft(i)
+                    if time.monotonic() - last_answer < quiet_limit:
                         continue
-                    while in_flight:  # let the others finish before raising (no callbacks into a dead loop)
-                        done.get(timeout=self.timeout + 30)
-                        in_flight -= 1
-                    raise self._error(model, error)
+                    raise fail(ClientError(f"{model}: no answer from {self.url} within {quiet_limit:.0f} s"),
+                               in_flight) from None
+                in_flight, last_answer = in_flight - 1, time.monotonic()
+                if error is not None:
+                    if not self._transient(error):
+                        raise fail(self._error(model, error, None if rows is None else rows[i], label), in_flight)
+                    if not attempts[i]:
+                        first[i] = last_answer
+                    wait = self._retry_in(attempts[i], first[i] or last_answer)
+                    if wait is None:
+                        raise fail(self._gave_up(model, error, attempts[i], last_answer - first[i]), in_flight)
+                    attempts[i] += 1
+                    heapq.heappush(waiting, (last_answer + wait, i))
+                    continue
+                attempts[i] = 0
                 results[i] = {n: result.as_numpy(n) for n in outputs}
                 bar.update()
         return results
+
+    # ----------------------------------------------------------------------------------------------- limits
+    def config(self, model: str) -> dict:
+        """The model's config as the server reports it (cached)."""
+        if model not in self._configs:
+            self._configs[model] = self._call(model, lambda: self.client.get_model_config(model, as_json=True))[
+                "config"]
+        return self._configs[model]
+
+    def max_batch(self, model: str) -> int:
+        return int(self.config(model).get("max_batch_size", 0)) or MAX_BATCH_SIZE
+
+    def parameter(self, model: str, key: str, default: int) -> int:
+        value = self.config(model).get("parameters", {}).get(key, {}).get("string_value", "")
+        return int(value) if str(value).isdigit() else default
+
+    def limits(self) -> dict[str, int]:
+        """The server's limits the client keeps to (read from the model configs)."""
+        return {"encode_batch": min(self.max_batch("encode"), self.max_batch("tokenizer")),
+                "decode_batch": self.max_batch("beam_search"), "roundtrip_batch": self.max_batch("roundtrip"),
+                "max_beam_size": self.parameter("beam_search", "max_beam_size", 8),
+                "max_text_chars": self.parameter("tokenizer", "max_text_chars", MAX_TEXT_CHARS)}
+
+    def check_texts(self, texts: Sequence[str], model: str = "tokenizer", label=None) -> None:
+        """ClientError naming every text the server would refuse (nothing visible; over its max_text_chars)."""
+        problems = text_problems(texts, self.parameter(model, "max_text_chars", MAX_TEXT_CHARS))
+        if problems:
+            raise ClientError(f"{problems_message(problems, label)}: nothing was sent")
+
+    def check_vectors(self, vectors: np.ndarray, label=None) -> None:
+        problems = vector_problems(vectors, MAX_VECTOR_ABS)
+        if problems:
+            raise ClientError(f"{problems_message(problems, label)}: nothing was sent")
 
     def run_graph(self, graph: str, feeds: dict, output_names: list) -> dict:
         """GraphStepper runner: one exported graph (decoder_init / decoder_step) served as a Triton model."""
         return self.infer(graph, feeds, output_names)
 
     # ----------------------------------------------------------------------------------------------- models
-    def encode(self, texts: Sequence[str | bytes], batch_size: int = 32, max_in_flight: int = 4,
-               progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 32, max_in_flight: int = 4,
+               progress: bool = False, label=None) -> np.ndarray:
         """Texts -> float32 [N,S] through the `encode` ensemble (tokenizer -> encoder). Requests hold texts of
-        similar length (each pads to its own longest text); rows come back in the input order."""
+        similar length (each pads to its own longest text), at most the server's max_batch_size; rows come back
+        in the input order. label(indices): the caller's words for rows of `texts` in errors (e.g. file lines)."""
         if not len(texts):
             raise ClientError("no texts to encode")
-        rows = length_sorted_batches(texts, batch_size)
+        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts]
+        self.check_texts(texts, "tokenizer", label)
+        rows = length_sorted_batches(texts, min(batch_size, self.limits()["encode_batch"]))
         out = self.infer_many("encode", [{"text": text_tensor([texts[r] for r in b])} for b in rows],
-                              ["sentence_embedding"], max_in_flight, progress, "encode")
+                              ["sentence_embedding"], max_in_flight, progress, "encode", rows=rows, label=label)
         return unsort(rows, [o["sentence_embedding"] for o in out]).astype(np.float32)
 
     def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None, batch_size: int = 16,
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
-               manifest: dict | None = None, tokenizer=None, rerank: bool = False) -> list[str]:
+               manifest: dict | None = None, tokenizer=None, rerank: bool = False, label=None) -> list[str]:
         """Vectors [N,S] -> texts. mode "server": the `beam_search` model; "client": the core's beam search here
         over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank: the beam's n-best
         re-ranked by re-encoding them (server mode: the `rerank` input of beam_search; client mode: the search
@@ -182,12 +282,20 @@ class TritonClient:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ClientError(f"vectors must have shape [N, S] with N >= 1, got {list(vectors.shape)}")
-        chunks = [vectors[i:i + batch_size] for i in range(0, len(vectors), batch_size)]
+        if mode not in ("server", "client"):
+            raise ClientError(f"mode must be 'server' or 'client', got {mode!r}")
+        if mode == "client" and (manifest is None or tokenizer is None):
+            raise ClientError("client-side decoding needs the export's manifest and tokenizer (--export DIR)")
+        self.check_vectors(vectors, label)
+        top = self.limits()["max_beam_size"]
+        if not 1 <= beam_size <= top:
+            raise ClientError(f"beam size must be in [1, {top}] (the server's max_beam_size), got {beam_size}")
+        starts = range(0, len(vectors), min(batch_size, self.limits()["decode_batch"]))
+        rows = [np.arange(i, min(i + min(batch_size, self.limits()["decode_batch"]), len(vectors))) for i in starts]
+        chunks = [vectors[r] for r in rows]  # [b,S] each
         if mode == "client":
             return self._decode_client(chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
                                        rerank)
-        if mode != "server":
-            raise ClientError(f"mode must be 'server' or 'client', got {mode!r}")
         requests = []
         for c in chunks:
             feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32),
@@ -195,7 +303,8 @@ class TritonClient:
             if max_length is not None:
                 feeds["max_length"] = np.full((len(c), 1), max_length, np.int32)
             requests.append(feeds)
-        out = self.infer_many("beam_search", requests, ["text"], max_in_flight, progress, "decode")
+        out = self.infer_many("beam_search", requests, ["text"], max_in_flight, progress, "decode", rows=rows,
+                              label=label)
         return [t.decode("utf-8") for o in out for t in o["text"].reshape(-1)]
 
     def _decode_client(self, chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
@@ -221,19 +330,22 @@ class TritonClient:
                                       desc="decode (client)", unit="req") for t in part]
         return detokenize_ids(tokenizer, ids)
 
-    def roundtrip(self, texts: Sequence[str | bytes], batch_size: int = 16, max_in_flight: int = 4,
-                  progress: bool = False, mode: str = "server", beam_size: int = 4, **decode_kw) -> list[str]:
+    def roundtrip(self, texts: Sequence[str], batch_size: int = 16, max_in_flight: int = 4,
+                  progress: bool = False, mode: str = "server", beam_size: int = 4, label=None,
+                  **decode_kw) -> list[str]:
         """Texts -> reconstructed texts: the `roundtrip` ensemble (server, default beam size of the model) or
         `encode` + client-side beam search."""
         if mode == "client":
-            return self.decode(self.encode(texts, batch_size, max_in_flight, progress), beam_size=beam_size,
-                               batch_size=batch_size, max_in_flight=max_in_flight, progress=progress, mode="client",
-                               **decode_kw)
+            return self.decode(self.encode(texts, batch_size, max_in_flight, progress, label=label),
+                               beam_size=beam_size, batch_size=batch_size, max_in_flight=max_in_flight,
+                               progress=progress, mode="client", label=label, **decode_kw)
         if not len(texts):
             return []
-        rows = length_sorted_batches(texts, batch_size)  # similar lengths per request: less padding, and beams
-        out = self.infer_many("roundtrip", [{"text": text_tensor([texts[r] for r in b])} for b in rows],  # of one
-                              ["decoded_text"], max_in_flight, progress, "roundtrip")  # request end together
+        self.check_texts(texts, "beam_search", label)
+        # similar lengths per request: less padding, and the beams of one request end together
+        rows = length_sorted_batches(texts, min(batch_size, self.limits()["roundtrip_batch"]))
+        out = self.infer_many("roundtrip", [{"text": text_tensor([texts[r] for r in b])} for b in rows],
+                              ["decoded_text"], max_in_flight, progress, "roundtrip", rows=rows, label=label)
         return [t.decode("utf-8") for t in unsort(rows, [o["decoded_text"].reshape(-1) for o in out])]
 
     def close(self) -> None:
@@ -257,86 +369,3 @@ def load_export(folder: str | Path) -> tuple[dict, object]:
     from invemb.manifest import load_export_tokenizer, read_manifest
     manifest = read_manifest(folder)
     return manifest, load_export_tokenizer(folder, manifest)
-
-
-def _write_lines(lines: Sequence[str], out: str | None) -> None:
-    text = "".join(f"{line}\n" for line in lines)
-    if out:
-        Path(out).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    ap.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE (exponential backoff)")
-    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    ap.add_argument("--batch-size", type=int, default=16, help="texts / vectors per request")
-    ap.add_argument("--no-progress", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
-    enc = sub.add_parser("encode", help="texts file (.txt one per line, or .csv) -> .npy [N,S]")
-    enc.add_argument("texts")
-    enc.add_argument("--out", required=True)
-    for name, helptext in (("decode", ".npy [N,S] -> texts"), ("roundtrip", "texts -> reconstructed texts")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("input")
-        p.add_argument("--out", default=None, help="output file (default: stdout)")
-        p.add_argument("--mode", choices=("server", "client"), default="server",
-                       help="beam search in the server (beam_search model) or here over decoder_init/step")
-        p.add_argument("--export", default=None, help="export folder (manifest.json + tokenizer/), for --mode client")
-        p.add_argument("--beam-size", type=int, default=4)
-        p.add_argument("--max-length", type=int, default=None)
-        if name == "decode":
-            p.add_argument("--rerank", action="store_true",
-                           help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
-    args = ap.parse_args(argv)
-    from invemb.data import read_texts
-    from invemb.limits import MAX_BATCH_SIZE, MAX_BEAM_SIZE, check_range
-    try:
-        check_range("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
-        check_range("--concurrency", args.concurrency, 1, 256)
-        check_range("--retries", args.retries, 0, 100)
-        if not args.timeout > 0:
-            raise ClientError(f"--timeout must be > 0 seconds, got {args.timeout}")
-        if hasattr(args, "beam_size"):
-            check_range("--beam-size", args.beam_size, 1, MAX_BEAM_SIZE)
-        if getattr(args, "max_length", None) is not None:
-            check_range("--max-length", args.max_length, 1, 4096)
-        client = TritonClient(args.url, args.timeout, args.retries, ready_timeout=min(30.0, args.timeout))
-        common = dict(max_in_flight=args.concurrency, progress=not args.no_progress)
-        manifest = tokenizer = None
-        if getattr(args, "mode", "server") == "client":
-            if not args.export:
-                raise ClientError("--mode client needs --export DIR (the export's manifest.json + tokenizer/)")
-            manifest, tokenizer = load_export(args.export)
-        if args.command == "encode":
-            vectors = client.encode(read_texts(args.texts), batch_size=args.batch_size, **common)
-            np.save(args.out, vectors)
-            print(f"wrote {args.out}: {vectors.shape[0]} x {vectors.shape[1]} float32", file=sys.stderr)
-        elif args.command == "decode":
-            try:
-                vectors = np.load(args.input, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise ClientError(f"cannot read {args.input} as a .npy array: {e}") from None
-            _write_lines(client.decode(vectors, args.beam_size, args.max_length, args.batch_size, mode=args.mode,
-                                       manifest=manifest, tokenizer=tokenizer, rerank=args.rerank, **common),
-                         args.out)
-        else:
-            texts = read_texts(args.input)
-            if args.mode == "server" and (args.beam_size != 4 or args.max_length):
-                raise ClientError("the roundtrip ensemble uses the beam_search defaults; use --mode client or "
-                                  "encode + decode for other --beam-size / --max-length")
-            out = client.roundtrip(texts, args.batch_size, mode=args.mode, beam_size=args.beam_size,
-                                   **({"max_length": args.max_length, "manifest": manifest, "tokenizer": tokenizer}
-                                      if args.mode == "client" else {}), **common)
-            _write_lines([f"{a}\t{b}" for a, b in zip(texts, out)], args.out)
-    except InvembError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

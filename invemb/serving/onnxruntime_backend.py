@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from invemb.limits import MAX_VECTOR_ABS
 from invemb.manifest import PAST_PREFIX
 from invemb.ort import disabled_optimizers
 from invemb.serving.triton_utils import invalid_arg, model_param
@@ -132,8 +133,18 @@ class TritonPythonModel:
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
         mask = feeds.get("attention_mask")
+        if ids is not None and mask is not None and ids.shape != mask.shape:
+            raise ValueError(f"input_ids and attention_mask must have the same shape, got {list(ids.shape)} and "
+                             f"{list(mask.shape)}")
+        for name in ("input_ids", "attention_mask"):
+            a = feeds.get(name)
+            if a is not None and (a.ndim < 2 or a.shape[-1] == 0):
+                raise ValueError(f"{name} must hold at least one token per row, got shape {list(a.shape)}")
         if mask is not None and mask.size and not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
+        if mask is not None and mask.size and not mask.any(axis=-1).all():  # [B,T]: a row that attends to nothing
+            rows = np.flatnonzero(~mask.any(axis=-1))
+            raise ValueError(f"attention_mask row(s) {rows[:10].tolist()} hold no 1 (a row must attend to a token)")
         if self.max_length is not None:
             for name, a in feeds.items():
                 axis = 1 if name in ("input_ids", "attention_mask") else 2 if name.startswith(PAST_PREFIX) else None
@@ -147,6 +158,11 @@ class TritonPythonModel:
         for name, a in feeds.items():
             if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
                 raise ValueError(f"{name} holds NaN or Inf")
+        vectors = feeds.get("sentence_embedding")  # [B,S] into decoder_init: the same bound as beam_search
+        if vectors is not None and vectors.size and np.abs(vectors).max() > MAX_VECTOR_ABS:
+            rows = np.flatnonzero(np.abs(vectors.reshape(len(vectors), -1)).max(1) > MAX_VECTOR_ABS)
+            raise ValueError(f"sentence_embedding row(s) {rows[:10].tolist()} have components beyond "
+                             f"+-{MAX_VECTOR_ABS:g} (sentence vectors are O(1))")
 
     def _requested(self, request) -> tuple[str, ...]:
         """The outputs this request asked for (all of the config's when it named none), in config order: as the

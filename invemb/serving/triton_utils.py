@@ -30,21 +30,31 @@ def model_param(config: dict, key: str, default):
 
 
 def decode_texts(raw, max_chars: int) -> list[str]:
-    """BYTES [batch, 1] -> str per row; invalid UTF-8 or an over-long text is an InvembError naming the row."""
+    """BYTES [batch, 1] -> str per row; invalid UTF-8, nothing visible (blank, only U+200B / U+FEFF / NUL...) or
+    over `max_chars` characters is an InvembError naming ALL such rows (invemb.serving.checks: the client rewrites
+    them into the user's file lines)."""
     from invemb.errors import InvembError
-    texts = []  # raw: np.ndarray of bytes/str, any shape
+    from invemb.serving.checks import invisible_only, rows_text
+    texts, undecodable = [], []  # raw: np.ndarray of bytes/str, any shape
     for i, item in enumerate(raw.reshape(-1)):
-        if isinstance(item, str):
-            text = item
-        else:
-            try:
-                text = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvembError(f"text at row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if len(text) > max_chars:
-            raise InvembError(f"text at row {i} has {len(text)} characters; the limit is {max_chars} "
-                              f"(the model reads at most its first max_length tokens anyway)")
-        texts.append(text)
+        try:
+            texts.append(item if isinstance(item, str) else bytes(item).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            undecodable.append((i, f"{e.reason} at byte {e.start}"))
+            texts.append("")
+    if undecodable:
+        raise InvembError(f"text at row {undecodable[0][0]} is not valid UTF-8 ({undecodable[0][1]}; "
+                          f"{rows_text([i for i, _ in undecodable])} are not)")
+    blank = [i for i, t in enumerate(texts) if invisible_only(t)]
+    if blank:
+        raise InvembError("empty or whitespace-only text (or only invisible characters such as U+200B, U+FEFF, "
+                          f"NUL) at position(s) {blank[:10]}" + (f" and {len(blank) - 10} more" if len(blank) > 10
+                                                                 else ""))
+    long = [i for i, t in enumerate(texts) if len(t) > max_chars]
+    if long:
+        raise InvembError(f"text at row {long[0]} has {len(texts[long[0]])} characters; the limit is {max_chars} "
+                          f"(the model reads at most its first max_length tokens anyway; over the limit: "
+                          f"{rows_text(long)})")
     return texts
 
 
