@@ -14,8 +14,9 @@ By default the pipeline runs on the model shipped in models/ (no training: real 
 Stages (each logs to <out>/logs/<stage>.log and leaves <out>/<stage>.done when it finished):
   train     (--train only) `deepspeed --num_gpus 2 train/run.py --config ...` -> <out>/train/final
   evaluate  `invemb evaluate` on the validation split (greedy + beam 4, BERTScore/paraphrase cos with all-mpnet-base-v2)
-  export    `export/to_onnx.py` into <out>/onnx and a Triton model repository <out>/model_repository (the CPU
-            serving default: the static int8 encoder, fp32 decoders)
+  export    `place_export` (invemb.export.exporter; what `export/to_onnx.py --triton-repo` does) into <out>/onnx and a
+            fresh Triton model repository <out>/model_repository (the CPU serving default: the static int8 encoder,
+            fp32 decoders)
   serve     starts the real Triton server, round-trips 10 validation headlines through the `roundtrip` ensemble,
             prints them beside the originals and the metrics table, stops the server
 A failing stage says which and why (log tail) and keeps what earlier stages produced.
@@ -23,6 +24,7 @@ A failing stage says which and why (log tail) and keeps what earlier stages prod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 from invemb.errors import InvembError
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_path
 
 STAGES = ("train", "evaluate", "export", "serve")
 BIN = Path(sys.executable).parent
@@ -104,10 +106,13 @@ def stage_evaluate(a, out: Path) -> None:
 
 
 def stage_export(a, out: Path) -> None:
-    from invemb.export.exporter import fresh_triton_repo
-    repo = fresh_triton_repo(out / "model_repository")
-    _run([sys.executable, source_file("export/to_onnx.py"), "--checkpoint", model_dir(a, out), "--out", out / "onnx",
-          "--triton-repo", repo], out / "logs/export.log")
+    from invemb.export.exporter import place_export
+    log = out / "logs/export.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stderr(f):
+        f.write(f"place_export({out / 'onnx'}, {out / 'model_repository'}, {model_dir(a, out)})\n")
+        variant = place_export(out / "onnx", out / "model_repository", model_dir(a, out))
+        f.write(f"exported to {out / 'onnx'}; placed in {out / 'model_repository'} ({variant or 'fp32'} graphs)\n")
 
 
 def stage_serve(a, out: Path) -> None:
@@ -125,7 +130,7 @@ def stage_serve(a, out: Path) -> None:
     (out / "serve").mkdir(exist_ok=True)
     (out / "serve/roundtrip.json").write_text(json.dumps(rows, indent=2))
     width = max(len(t) for t in texts)
-    from invemb.export.exporter import served_variant
+    from invemb.export.placement import served_variant
     encoder = "int8 encoder" if served_variant(out / "model_repository") == "int8_encoder" else "encoder"
     print(f"\n  {'original (validation)':<{width}} | roundtrip through Triton (tokenizer -> {encoder} -> beam_search)")
     for r in rows:
@@ -179,7 +184,7 @@ def run_pipeline(a) -> None:
         times_file.write_text(json.dumps(times, indent=2))
         done.write_text(f"{times[stage]:.1f}\n")
         print(f"[{i}/{len(stages)}] {stage}: done in {times[stage]:.0f} s", flush=True)
-    (out / "summary.md").write_text(summary(out, {**times, "_model": str(model_dir(a, out))}))
+    (out / "summary.md").write_text(summary(out, {**times, "_model": display_path(model_dir(a, out))}))
     if (out / "eval/metrics.json").is_file():
         from invemb.evaluate import format_table
         m = json.loads((out / "eval/metrics.json").read_text())

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_command, display_path
 
 REPO = checkout_root()
 
@@ -145,10 +145,9 @@ def prepare(args, work: Path) -> tuple[Path, Path, str]:
     else:
         from invemb.shipped import default_model_path
         ckpt = ckpt or default_model_path()
-        desc = f"{'the shipped model ' if not args.checkpoint else 'checkpoint '}{ckpt}"
-    repo = to_onnx.fresh_triton_repo(work / "repo")
-    with to_onnx.quiet_exporter():
-        to_onnx.export_checkpoint(ckpt, work / "onnx", triton_repo=repo, one_call=True)  # + beam_search_op
+        desc = f"{'the shipped model ' if not args.checkpoint else 'checkpoint '}{display_path(ckpt)}"
+    repo = work / "repo"
+    to_onnx.place_export(work / "onnx", repo, ckpt, one_call=True)  # + beam_search_op
     copy_model(repo, "beam_search", "beam_search_bls",  # a BLS round trip per decode step
                ('value: { string_value: "onnxruntime" }', 'value: { string_value: "bls" }'))
     one_instance = ("instance_group [ { count: 2 ", "instance_group [ { count: 1 ")  # the defaults have 2
@@ -253,20 +252,20 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from invemb.data import load_split
-    from invemb.export import exporter as to_onnx
+    from invemb.export.placement import served_variant
     from invemb.ort import OnnxEmbedder
     from invemb.serving.client import TritonClient, text_tensor
     from invemb.serving.launch import TritonServer
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = [r.text for r in load_split(args.data).val[:512]]
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
+    report = {"command": display_command([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ort_threads": args.ort_threads,
               "repeats": args.repeats, "workloads": []}
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
         repo, export_dir, report["model"] = prepare(args, Path(tmp))
         print(f"model: {report['model']}", flush=True)
         # in process: the graphs Triton serves (the default export: the static int8 encoder, fp32 decoders)
-        variant = report["served_variant"] = to_onnx.served_variant(repo)
+        variant = report["served_variant"] = served_variant(repo)
         emb = OnnxEmbedder(export_dir, threads=args.ort_threads, variant=variant)
         fp32 = OnnxEmbedder(export_dir, threads=args.ort_threads)
         rows_emb = OnnxEmbedder(export_dir, threads=args.ort_threads, variant=variant)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_command
 from invemb.util import cpu_name
 from invemb.util import free_port
 
@@ -110,7 +110,7 @@ def run_mode(mode: str, a, workdir: Path, log) -> dict:
         if a.ranks > 1 and not a.gpu:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.ranks))
     cmd += ["--config", a.recipe, "--out", str(out), *(["--data", a.data] if a.data else []), *over, *a.override]
-    log(f"$ {' '.join(map(str, cmd))}")
+    log(f"$ {display_command(cmd)}")  # paths as the repository names them (invemb.paths.display_command)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if p.returncode:
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out or REPO / ("results/bench_train_gpu.md" if a.gpu else "results/bench_train.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = " ".join(["python scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = display_command(["python", "scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
     text = ["# Training throughput: plain PyTorch vs DeepSpeed ZeRO-2", "",
             f"Measured {time.strftime('%Y-%m-%d')} with `{cmd}`.", "",
             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".", "",

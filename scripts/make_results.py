@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_path
 from invemb.util import describe_machine
 
 REPO = checkout_root()
@@ -77,7 +77,9 @@ def main() -> None:
                       f"(total {sum(times.values()):.0f} s)."]
         summ = run / "train/summary.json"
         if summ.is_file():
-            lines += ["", "Training summary: `" + json.dumps(json.loads(summ.read_text()))[:600] + "`"]
+            summary = {k: display_path(v) if isinstance(v, str) and Path(v).is_absolute() else v  # "final"
+                       for k, v in json.loads(summ.read_text()).items()}
+            lines += ["", "Training summary: `" + json.dumps(summary)[:600] + "`"]
     plots = sorted((run / "train/plots").glob("*.png")) if (run / "train/plots").is_dir() else []
     if plots:
         (RESULTS / "curves").mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from invemb.export import exporter
+from invemb.export import placement
 from invemb.export import validate
 from invemb.errors import InvembError
 
@@ -164,14 +165,27 @@ def test_search_workers_decode_the_same_texts(onnx_dir, ort_embedder, toy_model,
         split.decode(np.full((2, vec.shape[1]), np.nan, np.float32))
 
 
+def test_place_export_fills_a_fresh_repository(toy_checkpoint, tmp_path):
+    """place_export (the pipeline's export stage, scripts/load_serving.py): the committed template + a new export."""
+    from invemb.paths import checkout_root
+    (tmp_path / "repo" / "stale").mkdir(parents=True)
+    assert exporter.place_export(tmp_path / "onnx", tmp_path / "repo", toy_checkpoint, triton_encoder="fp32") is None
+    assert not (tmp_path / "repo" / "stale").exists()  # fresh: the old folder is replaced
+    assert (tmp_path / "repo" / "beam_search" / "config.pbtxt").is_file()
+    assert (tmp_path / "repo" / "encoder" / "1" / "model.onnx").read_bytes() == \
+        (tmp_path / "onnx" / "encoder.onnx").read_bytes()
+    with pytest.raises(InvembError, match="template"):  # never wipes the committed model_repository/
+        placement.fresh_triton_repo(checkout_root() / "model_repository")
+
+
 def test_place_in_triton_repo_keeps_serving_files(onnx_dir, tmp_path):
     repo = tmp_path / "model_repository"
     for name in ("encoder", "beam_search"):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text("name: x")
     (repo / "beam_search" / "1" / "model.py").write_text("# serving code")
-    exporter.place_in_triton_repo(onnx_dir, repo)
-    exporter.place_in_triton_repo(onnx_dir, repo)  # idempotent
+    placement.place_in_triton_repo(onnx_dir, repo)
+    placement.place_in_triton_repo(onnx_dir, repo)  # idempotent
     for g in ("encoder", "decoder_init", "decoder_step"):
         assert (repo / g / "1" / "model.onnx").read_bytes() == (onnx_dir / f"{g}.onnx").read_bytes()
     want = {**json.loads((onnx_dir / "manifest.json").read_text()), "served_variant": None}  # the fp32 graphs
@@ -246,6 +260,7 @@ def test_validate_cli_passes(toy_checkpoint, onnx_dir, data_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert re.search(r"decoder_step +\| batch=7 past=31 new=1 +\| .* PASS", out) and "OK:" in out
+    assert f"--data {data_dir.name} " in out.splitlines()[0] and str(toy_checkpoint) not in out  # no machine path
 
 
 def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
@@ -270,8 +285,8 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     import onnx
     head = onnx.load(str(d / "decoder_step.int8.onnx")).graph
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in head.node)
-    exporter.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
-    assert exporter.served_variant(tmp_path / "repo") == "int8"
+    placement.place_in_triton_repo(d, tmp_path / "repo", variant="int8")
+    assert placement.served_variant(tmp_path / "repo") == "int8"
     assert (tmp_path / "repo" / "decoder_step" / "1" / "model.onnx").read_bytes() == \
         (d / "decoder_step.int8.onnx").read_bytes()
     # the fidelity study's three arms: fp32, int8, and the int8 encoder with fp32 decoders

@@ -18,7 +18,7 @@ def test_pipeline_toy_end_to_end_and_resume(data_dir, tmp_path):
         assert (out / f"{stage}.done").is_file(), stage
         assert f"{stage}: done in" in r.stdout
     rows = json.loads((out / "serve/roundtrip.json").read_text())
-    from invemb.export.exporter import served_variant  # Triton's round trip == the exported graphs', in process
+    from invemb.export.placement import served_variant  # Triton's round trip == the exported graphs', in process
     from invemb.ort import OnnxEmbedder
     variant = served_variant(out / "model_repository")
     assert variant == "int8_encoder"  # the CPU serving default

@@ -27,14 +27,14 @@ MODELS = ("tokenizer", "encoder", "decoder_init", "decoder_step", "beam_search",
 @pytest.fixture(scope="session")
 def triton_repo(toy_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     """(repository, export dir): the committed configs + python models, and the toy export placed in them."""
-    from invemb.export import exporter
+    from invemb.export import exporter, placement
     base = tmp_path_factory.mktemp("triton")
-    repo, export_dir = exporter.fresh_triton_repo(base / "repo"), base / "onnx"
+    repo, export_dir = placement.fresh_triton_repo(base / "repo"), base / "onnx"
     with exporter.quiet_exporter():  # + the one-call beam search graph as the generated model beam_search_op
         # the fp32 encoder, so that Triton's vectors can be held to the torch model's (the int8 default: below)
         exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo, one_call=True,
                                    triton_encoder="fp32")
-    assert exporter.served_variant(repo) is None
+    assert placement.served_variant(repo) is None
     return repo, export_dir
 
 
@@ -134,13 +134,13 @@ def test_the_default_export_serves_the_static_int8_encoder(toy_checkpoint, headl
     == in-process ORT with that variant (atol 1e-5, although the client's ragged batches are merged by dynamic
     batching: a vector does not depend on its batch), its round trip == that embedder's decode, and the vectors
     stay close to fp32's."""
-    from invemb.export import exporter
+    from invemb.export import exporter, placement
     from invemb.ort import OnnxEmbedder
     base = tmp_path_factory.mktemp("int8")
-    repo, export_dir = exporter.fresh_triton_repo(base / "repo"), base / "onnx"
+    repo, export_dir = placement.fresh_triton_repo(base / "repo"), base / "onnx"
     with exporter.quiet_exporter():
         exporter.export_checkpoint(toy_checkpoint, export_dir, triton_repo=repo)
-    assert exporter.served_variant(repo) == "int8_encoder"
+    assert placement.served_variant(repo) == "int8_encoder"
     local = OnnxEmbedder(export_dir, threads=1, variant="int8_encoder")
     assert local.files["decoder_step"] == "decoder_step.onnx" and local.files["encoder"] == "encoder.int8.onnx"
     want = local.encode(headlines32)

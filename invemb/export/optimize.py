@@ -22,9 +22,9 @@ beam search exact match / positional token accuracy vs the tokenized inputs, tex
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from invemb.errors import InvembError
 from invemb.manifest import read_manifest, write_manifest
+from invemb.paths import display_command, display_path
 from invemb.util import best_of
 
 VARIANTS = ("opt", "int8", "fp16")
@@ -439,11 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = "python export/optimize.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    cmd = display_command(["python", "export/optimize.py", *(sys.argv[1:] if argv is None else argv)])
     src = read_manifest(args.onnx).get("source", {})
     table = format_table(rows, f"{len(texts)} validation headlines, beam {args.beam_size}, {args.threads} ORT "
                                f"thread(s); speed-ups vs fp32 measured in this run. Command: `{cmd}`\n\n"
-                               f"Model: {src.get('checkpoint', '?')} ({src.get('backbone', '?')}). {args.note}\n")
+                               f"Model: {display_path(src.get('checkpoint', '?'))} ({src.get('backbone', '?')}). "
+                               f"{args.note}\n")
     print(table)
     if args.report:
         rep = Path(args.report)

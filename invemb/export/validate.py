@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,24 @@ def print_table(rows: list[Row], file=None) -> None:
             print("-+-".join("-" * w for w in widths), file=file)
 
 
+def render_report(rows: list[Row], details: dict, argv: list[str]) -> str:
+    """The printed result (what results/validate_export.txt keeps): the command, with its paths as the repository
+    names them (invemb.paths.display_command), the table, the texts that differ, the verdict."""
+    from invemb.paths import display_command
+    buf = io.StringIO()
+    print(f"# {display_command(['python', 'export/validate.py', *argv])}", file=buf)
+    print_table(rows, buf)
+    if details:
+        print(f"\nencoder vectors max |ort - torch| = {details['vector_max_abs_diff']:.2e}; torch exact match "
+              f"vs inputs = {details['torch_exact_match']:.1%}", file=buf)
+        for t, o in zip(details["torch"], details["ort"]):
+            if t != o:
+                print(f"  differs: torch {t!r}\n           ort   {o!r}", file=buf)
+    failed = sum(not r.ok for r in rows)
+    print(f"\n{'FAILED' if failed else 'OK'}: {len(rows) - failed}/{len(rows)} checks passed", file=buf)
+    return buf.getvalue()
+
+
 def validation_texts(data: str | None, n: int, seed: int = 0) -> list[str]:
     from invemb.data import load_split
     val = load_split(data, seed=seed).val
@@ -178,15 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_table(rows)
-    if details:
-        print(f"\nencoder vectors max |ort - torch| = {details['vector_max_abs_diff']:.2e}; torch exact match "
-              f"vs inputs = {details['torch_exact_match']:.1%}")
-        for t, o in zip(details["torch"], details["ort"]):
-            if t != o:
-                print(f"  differs: torch {t!r}\n           ort   {o!r}")
+    print(render_report(rows, details, sys.argv[1:] if argv is None else argv), end="")
     failed = sum(not r.ok for r in rows)
-    print(f"\n{'FAILED' if failed else 'OK'}: {len(rows) - failed}/{len(rows)} checks passed")
     return 1 if failed else 0
 
 
