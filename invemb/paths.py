@@ -33,14 +33,14 @@ def display_path(path: str | os.PathLike) -> str:
 
 
 def display_command(argv: list[str]) -> str:
-    """A command line as a result shows it: each argument that names a path (alone, `--opt=PATH` or `key=PATH`)
-    through display_path, so `python scripts/x.py --data /home/me/financial-news-headlines` reads
-    `python scripts/x.py --data financial-news-headlines`."""
+    """A command line as a result shows it: each absolute path (alone, `--opt=PATH` or `key=PATH`) through
+    display_path, so `python /repo/scripts/x.py --data /home/me/financial-news-headlines` reads
+    `python scripts/x.py --data financial-news-headlines`; relative paths stay as typed."""
     import shlex
 
     def one(arg: str) -> str:
         key, sep, value = arg.rpartition("=") if "=" in arg else ("", "", arg)
-        if os.sep in value and (os.path.isabs(value) or os.path.exists(value)):
+        if os.path.isabs(value):
             value = display_path(value)
         return key + sep + value
     return shlex.join(one(str(a)) for a in argv)
