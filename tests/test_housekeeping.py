@@ -54,14 +54,26 @@ def test_committed_results_and_models_name_no_machine_path():
 
 
 # ------------------------------------------------------------------------------------------- import circles
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (imports for annotations only, never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
 def module_imports(root: Path, package: str = "invemb") -> dict[str, set[str]]:
-    """{module: the package's modules it imports}, function-level (lazy) imports included."""
+    """{module: the package's modules it imports when run}, function-level (lazy) imports included."""
     files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (root / package).rglob("*.py")}
     graph = {}
     for mod, path in files.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -125,6 +137,8 @@ def test_no_two_modules_import_each_other():
     assert "invemb.export.exporter" not in graph["invemb.export.optimize"]  # graphs -> optimise -> place
     assert import_cycles(graph) == []
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check sees one
+    typed = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\nelse:\n    import y\n")
+    assert [a.name for n in runtime_nodes(typed) if isinstance(n, ast.Import) for a in n.names] == ["y"]
 
 
 # ------------------------------------------------------------------------------------------- ORT profiles
