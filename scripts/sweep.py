@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_command
 
 REPO = checkout_root()
 CONFIG = REPO / "train/configs/minilm-mq16.yaml"
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                                     ).returncode
             if rc != 0:
                 print(f"arm {arm} failed (exit {rc}); see {root / (arm + '.log')}", file=sys.stderr)
-    command = "python scripts/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = display_command(["python", "scripts/sweep.py", *(sys.argv[1:] if argv is None else argv)])
     print(report(arms, root, Path(args.out), args.minutes, command))
     return 0
 
