@@ -66,6 +66,72 @@ def test_wide_beam_equals_exhaustive_search(alpha, seed):
         np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-9)
 
 
+def beam_oracle(stepper, item, k, max_length, alpha):
+    """Beam search of one item by its definition, every extension of every live beam scored (no top-2k shortcut,
+    no batching): each step ranks all k x V extensions (ties: lower beam * V + token), takes the 2k best; an ending
+    among the k best is a hypothesis, the others fill the k live beams; an item stops when it holds k hypotheses
+    and its best live beam (at this length) cannot beat the worst of them, or at max_length (live beams end)."""
+    def norm(raw, length):
+        return raw / max(1, length) ** alpha
+    live, hyps = [((), 0.0)], []  # (prefix, sum of log-probs)
+    for t in range(max_length):
+        cands = sorted(((s + stepper.dist(item, prefix)[tok], b * V + tok, prefix, tok)
+                        for b, (prefix, s) in enumerate(live) for tok in range(V)), key=lambda c: (-c[0], c[1]))
+        nxt = []
+        for rank, (s, _, prefix, tok) in enumerate(cands[:2 * k]):
+            if tok == EOS:
+                if rank < k:
+                    hyps.append((list(prefix), norm(s, t + 1)))
+                continue
+            nxt.append((prefix + (tok,), s))
+            if len(nxt) == k:
+                break
+        hyps = sorted(hyps, key=lambda h: -h[1])[:k]
+        if t == max_length - 1:
+            hyps = sorted(hyps + [(list(p), norm(s, t + 1)) for p, s in nxt], key=lambda h: -h[1])
+            break
+        if not nxt or (len(hyps) >= k and norm(max(s for _, s in nxt), t + 1) <= hyps[k - 1][1]):
+            break
+        live = nxt
+    return hyps[:k]
+
+
+class RowCountingStepper(TableStepper):
+    """TableStepper that records the rows of each step: fewer rows than batch x beam before max_length means an
+    item finished early (its k hypotheses beat every live beam) and left the batch."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.rows = []
+
+    def step(self, tokens, cache):
+        self.rows.append(len(tokens))
+        return super().step(tokens, cache)
+
+
+def test_small_beam_that_prunes_equals_the_oracle():
+    """Beams much narrower than the k x V extensions they rank (k=2, 3 of V=4; up to 5 tokens; EOS likelier after
+    two tokens): the search keeps exactly the oracle's beams and hypotheses (full rows and top-k candidates alike),
+    and the cases do prune (the beam misses the exhaustive optimum for some items) and stop early (items leave the
+    batch before max_length)."""
+    def eos_later(prefix):
+        return np.array([0.0, 0.0, 0.0, len(prefix) - 2.0])
+    missed = early = 0
+    for k, alpha, seed in itertools.product((2, 3), (0.0, 1.0), range(6)):
+        cfg = GenerationConfig(beam_size=k, max_length=5, length_penalty=alpha, eos_id=EOS, num_return=k)
+        stepper = RowCountingStepper(batch_size=3, seed=seed, bias=eos_later)
+        full = beam_search(stepper, cfg)
+        top = beam_search(CandidateStepper(TableStepper(batch_size=3, seed=seed, bias=eos_later)), cfg)
+        early += len(stepper.rows) < cfg.max_length - 1 or min(stepper.rows) < 3 * k
+        for item in range(3):
+            want = beam_oracle(stepper, item, k, cfg.max_length, alpha)
+            for got in (full[item], top[item]):
+                assert [h.tokens for h in got] == [w[0] for w in want], (k, alpha, seed, item)
+                np.testing.assert_allclose([h.score for h in got], [w[1] for w in want], rtol=1e-12)
+            missed += full[item][0].tokens != exhaustive(stepper, item, cfg.max_length, alpha)[0][0]
+    assert missed > 0 and early > 0, (missed, early)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_beams_sorted_and_best_is_at_least_greedy(seed):
     stepper = TableStepper(batch_size=3, seed=seed)
