@@ -159,10 +159,12 @@ def perturbed_facts_set(texts: Sequence[str], n: int, seed: int) -> list[tuple[s
     """The perturbed-facts set: (original, perturbed) for the first `n` (0: all) of `texts` that hold a number or a
     simple name; in the perturbed copy every number is replaced by a random number of the same shape
     (perturb_every_number) and every simple name by a name of the OTHER texts (swap_names with name_pool of
-    `texts` minus the headline's own names). The decoder's prior cannot guess these facts: only the vector can
+    `texts`, less words they also write lower-case, less the headline's own names). The decoder's prior cannot guess these facts: only the vector can
     carry them. Seeded: same texts + seed -> same set."""
     rng = random.Random(seed)
-    pool = name_pool(texts)
+    lower = {w for t in texts for w in t.split()}
+    # names only: a capitalised word the texts never write lower-case ("Dow", not "Watch" of "Watch: ...")
+    pool = [w for w in name_pool(texts) if w.lower() not in lower]
     out: list[tuple[str, str]] = []
     for t in texts:
         if n and len(out) >= n:

@@ -6,7 +6,9 @@
 - the noise study: N(0, (sigma * rms(v))^2) added to each vector;
 - vector compression: float16, int8 with a per-vector scale, 1-bit sign (+ one float scale): bytes vs quality;
 - the ONNX Runtime int8 variant vs float32 on the same headlines (same-text rate, BLEU);
-- round-trip re-ranking: the beam's n-best re-ranked by re-encoding each candidate, vs the beam alone.
+- round-trip re-ranking: the beam's n-best re-ranked by re-encoding each candidate, vs the beam alone;
+- facts (issue 29): the perturbed-facts set (perturbed_facts_study) and the one-change distance table
+  (distance_table); the written form's oracle round trip (surface_oracle).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from invemb.evaluate import evaluate
 from invemb.losses import add_vector_noise
-from invemb.metrics import bleu, exact_match, positional_token_accuracy
+from invemb.metrics import bleu, exact_match, fact_metrics, positional_token_accuracy, surface_metrics
 
 REPORT_ROWS = [  # the reference report's validation numbers (its table; no exact match / BLEU reported)
     {"model": "report: FinBERT + attention pooling, S=768, transformer decoder", "token_acc": 0.502},
@@ -45,14 +47,22 @@ def compress(vectors: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
     raise ValueError(f"unknown compression {kind!r}")
 
 
-def score_ids(model, ids: list[list[int]], texts: list[str]) -> dict:
-    """exact / BLEU / generated token accuracy of generated token ids (EOS excluded) against `texts`' references."""
+def score_ids(model, ids: list[list[int]], texts: list[str], vectors: np.ndarray | None = None) -> dict:
+    """exact / BLEU / generated token accuracy of generated token ids (EOS excluded) against `texts`' references;
+    with the `vectors` they were decoded from, also the written form (model.texts of the same ids) against the
+    originals and its facts (number / name recall)."""
+    from invemb.evaluate import _generated_targets
+    from invemb.text import clean_texts
     hyps, refs = model.detokenize(ids), model.reference_texts(texts)
-    enc = model.tokenize(texts)["input_ids"].tolist()
-    special = {model.bos_id, model.eos_id, model.pad_id}
-    ref_ids = [[t for t in row if t not in special] + [model.eos_id] for row in enc]
-    return {"exact_match": exact_match(hyps, refs), "bleu": bleu(hyps, refs),
-            "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids), "hyps": hyps}
+    ref_ids = [row + [model.eos_id] for row in _generated_targets(model, clean_texts(texts))]
+    out = {"exact_match": exact_match(hyps, refs), "bleu": bleu(hyps, refs),
+           "token_acc": positional_token_accuracy([h + [model.eos_id] for h in ids], ref_ids), "hyps": hyps}
+    if vectors is not None:
+        originals = clean_texts(texts)
+        written = [w for i in range(0, len(ids), 64) for w in model.texts(vectors[i:i + 64], ids[i:i + 64])]
+        out.update(surface_metrics(written, originals))
+        out.update(fact_metrics(written, originals))
+    return out
 
 
 def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int = 1,
@@ -79,7 +89,7 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
         picks = {"": [0] * len(nbest), " + rerank": dec.roundtrip_choice(vectors, nbest)}
         t_rerank = time.time() - t0 - t_search
         for name, pick in picks.items():
-            r = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts)
+            r = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts, vectors)
             r.pop("hyps")
             rows.append({"decode": f"beam{beam}{name}", "n": len(texts), **r,
                          "seconds": round(t_search + (t_rerank if name else 0.0), 1)})
@@ -147,3 +157,68 @@ def full_evaluation(model, texts: list[str], beam_sizes=(1, 4), scorer: str | No
                              scored_n=k)
         res["scorer"], res["bertscore"] = scorer, f"{scorer} raw F1 (no baseline rescaling)"
     return res
+
+
+# ------------------------------------------------------------------------------------------------ facts (issue 29)
+def perturbed_facts_study(model, texts: list[str], n: int, seed: int = 0, beam_size: int = 4, decoder=None) -> dict:
+    """The perturbed-facts set (invemb.facts.perturbed_facts_set over `texts`): the originals and their perturbed
+    copies decoded at `beam_size`, each scored against itself (facts, exact, written form). Recall on the originals
+    may come from the decoder's prior; on the perturbed copies only the vector can carry the facts."""
+    from invemb.evaluate import evaluate
+    from invemb.facts import perturbed_facts_set
+    pairs = perturbed_facts_set(texts, n, seed)
+    out: dict = {"n": len(pairs), "seed": seed, "beam": beam_size,
+                 "examples": [{"original": a, "perturbed": b} for a, b in pairs[:5]]}
+    for name, part in (("originals", [a for a, _ in pairs]), ("perturbed", [b for _, b in pairs])):
+        res = evaluate(model, part, (beam_size,), scorer=None, with_teacher_forced=False, decoder=decoder)
+        out[name] = res[f"beam{beam_size}" if beam_size > 1 else "greedy"]
+        if name == "perturbed":
+            written = res["_written"][f"beam{beam_size}" if beam_size > 1 else "greedy"]
+            out["examples"] = [{**e, "decoded": w} for e, w in zip(out["examples"], written)]
+    return out
+
+
+def relative_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """||a - b|| / (RMS(a) * sqrt(S)) per row of [N,S] (= ||a - b|| / ||a||): on the scale of the training noise
+    sigma, whose N(0, (sigma * RMS)^2) per dimension moves a vector by sigma * RMS * sqrt(S) on average."""
+    rms = np.sqrt((a.astype(np.float64) ** 2).mean(1))  # [N]
+    return np.linalg.norm(a.astype(np.float64) - b, axis=1) / (rms * np.sqrt(a.shape[1]) + 1e-12)
+
+
+def distance_table(model, texts: list[str], per_kind: int = 50, seed: int = 0, noise_sigma: float | None = None
+                   ) -> dict:
+    """How far ONE change moves the vector (invemb.facts.one_change_pairs: one number / name / ordinary word),
+    relative_distance mean/min/max per kind, beside the training noise sigma: a fact the vector must carry needs
+    a move well above the noise the decoder was trained to ignore (issue 29: the number kind's mean above 2x)."""
+    from invemb.facts import one_change_pairs
+    rows = []
+    for kind, pairs in one_change_pairs(texts, per_kind, seed).items():
+        if not pairs:
+            continue
+        d = relative_distance(model.encode([a for a, _ in pairs]), model.encode([b for _, b in pairs]))  # [n]
+        i = int(np.argmin(d))
+        rows.append({"kind": kind, "n": len(pairs), "mean": float(d.mean()), "min": float(d.min()),
+                     "max": float(d.max()), "closest": f"{pairs[i][0]} -> {pairs[i][1]}"})
+    out: dict = {"rows": rows, "seed": seed, "noise_sigma": noise_sigma}
+    num = next((r for r in rows if r["kind"] == "number"), None)
+    if noise_sigma is not None and num:
+        out["number_mean_above_2x_noise"] = bool(num["mean"] > 2 * noise_sigma)
+    return out
+
+
+def surface_oracle(model, sets: dict[str, list[str]], table_texts: list[str]) -> dict:
+    """The written form's oracle round trip (invemb.surface.oracle_roundtrip: original -> decoder targets -> render
+    == original) per named set of texts, with the model's surface table (a model without surface heads: the table
+    build_table makes from `table_texts`, as training would) and vocabulary; every failure listed."""
+    from invemb.surface import build_table, oracle_roundtrip
+    from invemb.text import clean_texts
+    table = model.surface_table if model.writes_surface else build_table(model.tokenizer, table_texts,
+                                                                          model.max_length)
+    known = model.decoder.vocab_ids.tolist() if getattr(model.decoder, "compact", False) else None
+    spell = bool(getattr(model.config.decoder, "spell_numbers", False))
+    out: dict = {"table_from": "the model" if model.writes_surface else "build_table(training headlines)",
+                 "table_size": len(table), "spell_numbers": spell, "sets": {}}
+    for name, texts in sets.items():
+        share, fails = oracle_roundtrip(model.tokenizer, clean_texts(texts), model.max_length, table, known, spell)
+        out["sets"][name] = {"n": len(texts), "share": share, "failures": [list(f) for f in fails]}
+    return out

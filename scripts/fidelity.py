@@ -3,27 +3,28 @@
     python scripts/fidelity.py --data ../shared/data/financial-news-headlines   # ~20 min on 2 cores (--decoder torch: ~40)
     python scripts/fidelity.py --val-limit 500 --score-limit 200 --out results/fidelity_quick.md   # a quick look
     python scripts/fidelity.py --checkpoint runs/mq16/final --out results/fidelity_mq16.md
+    python scripts/fidelity.py --limit 2000 --newest-limit 500 --perturbed-limit 300 --rerank-limit -1 ...  # facts
+    python scripts/fidelity.py --oracle-only --surface-oracle results/surface_oracle.md   # the written form's oracle
 
 Writes the markdown and a JSON beside it (same stem). Token accuracy / exact / BLEU / top-k use every headline of
 the validation split (or --val-limit); BERTScore and paraphrase cosine (all-mpnet-base-v2, the slow part on 2 CPU
 cores) the first --score-limit; the noise and compression studies --study-limit headlines (greedy); the int8
-comparison --int8-limit headlines (beam 4, ONNX Runtime, exported into --work).
+comparison --int8-limit headlines (beam 4, ONNX Runtime, exported into --work). The split (val_fraction, seed), the
+newest-days hold-out and the training noise sigma come from the model's recipe (config.json info.recipe); every
+decode arm scores the normalised text and the written form from the same ids, and the facts of the written form.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from invemb.errors import InvembError
-from invemb.paths import checkout_root
-from invemb.util import cpu_name
+from invemb.paths import checkout_root, display_command, display_path
+from invemb.util import describe_machine
 
 REPO = checkout_root()
 
@@ -54,19 +55,31 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--data", default=None, help="headlines (default: $INVEMB_DATA)")
     ap.add_argument("--out", default=str(REPO / "results/fidelity.md"))
-    ap.add_argument("--val-limit", type=int, default=0, help="validation headlines (0: the whole split)")
+    ap.add_argument("--val-limit", "--limit", type=int, default=0, help="validation headlines (0: the whole split)")
+    ap.add_argument("--newest-limit", type=int, default=0, help="newest-days headlines (0: all of them)")
+    ap.add_argument("--perturbed-limit", type=int, default=500,
+                    help="headlines of the perturbed-facts set, drawn from the (limited) validation split (0: skip)")
+    ap.add_argument("--perturbed-seed", type=int, default=0)
+    ap.add_argument("--distance-pairs", type=int, default=50,
+                    help="pairs per kind of the one-change distance table (number / name / word; 0: skip)")
+    ap.add_argument("--surface-oracle", default=None,
+                    help="also write the written form's oracle round trip (training + validation) to this markdown")
+    ap.add_argument("--oracle-only", action="store_true", help="only the oracle round trip (with --surface-oracle)")
     ap.add_argument("--score-limit", type=int, default=1000, help="headlines scored with BERTScore/paraphrase cos")
-    ap.add_argument("--study-limit", type=int, default=500, help="headlines of the noise/compression studies")
+    ap.add_argument("--study-limit", type=int, default=500,
+                    help="headlines of the noise/compression studies (0: skip)")
     ap.add_argument("--rerank-limit", type=int, default=0,
                     help="validation headlines of the re-ranking study (0: the whole split; -1: skip)")
     ap.add_argument("--int8-limit", type=int, default=1000, help="headlines of the ORT int8 vs fp32 check (0: skip)")
-    ap.add_argument("--scorer", default="all-mpnet-base-v2")
+    ap.add_argument("--scorer", default="all-mpnet-base-v2", help="BERTScore / paraphrase model ('': skip both)")
     ap.add_argument("--work", default=str(REPO / "runs/fidelity"), help="export folder for the int8 check")
     ap.add_argument("--decoder", choices=("ort", "torch"), default="ort",
                     help="what decodes the vectors: ONNX Runtime over the model's fp32 export (top-k graphs; the "
                          "served texts, ~2x faster here) or PyTorch; ort also records its same-text rate with "
                          "PyTorch on --check-n headlines")
     ap.add_argument("--check-n", type=int, default=200)
+    ap.add_argument("--beams", default="1,4", choices=("1,4", "4", "1"),
+                    help="decode arms of the validation / newest sets (greedy and/or beam 4)")
     ap.add_argument("--render", default=None, help="only re-render the markdown from this fidelity JSON")
     args = ap.parse_args(argv)
     if args.render:
@@ -75,8 +88,8 @@ def main(argv=None) -> int:
         return 0
     import torch
     from invemb.data import load_headlines, newest_cutoff, newest_records, split_records
-    from invemb.fidelity import (REPORT_ROWS, compression_study, full_evaluation, noise_study,
-                                 ort_int8_study, rerank_study)
+    from invemb.fidelity import (compression_study, distance_table, full_evaluation, noise_study,
+                                 ort_int8_study, perturbed_facts_study, rerank_study)
     from invemb.model import InvertibleEmbedder, read_checkpoint_config
     t_start = time.time()
     try:
@@ -90,12 +103,30 @@ def main(argv=None) -> int:
         from invemb.shipped import default_model_path
         ckpt = default_model_path()
     meta = read_checkpoint_config(ckpt)
-    split = split_records(records, 0.1, 0)
+    recipe = meta.get("info", {}).get("recipe") or {}
+    # the split and hold-out the model was trained with (a checkpoint without a recipe: the defaults, said so)
+    split_cfg = {"val_fraction": float(recipe.get("val_fraction", 0.1)), "seed": int(recipe.get("seed", 0)),
+                 "holdout_newest_days": int(recipe.get("holdout_newest_days", 0)),
+                 "noise_sigma": recipe.get("noise_sigma"), "from_recipe": bool(recipe)}
+    split = split_records(records, split_cfg["val_fraction"], split_cfg["seed"])
+    train_texts = [r.text for r in split.train]
     val = [r.text for r in split.val][:args.val_limit or None]
-    newest = [r.text for r in newest_records(records, 30)]
-    res: dict = {"command": "python scripts/fidelity.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                 "model": str(ckpt), "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads",
+    days = split_cfg["holdout_newest_days"] or 30
+    newest = [r.text for r in newest_records(records, days)][:args.newest_limit or None]
+    argv_shown = sys.argv if argv is None else ["scripts/fidelity.py", *argv]
+    res: dict = {"command": "python " + display_command([str(a) for a in argv_shown]),
+                 "model": display_path(ckpt), "split": split_cfg, "newest_days": days,
+                 "machine": describe_machine(f"{torch.get_num_threads()} torch threads"),
                  "history": meta.get("info", {}).get("history", []), "curve": meta.get("info", {}).get("curve", [])}
+    if args.surface_oracle:
+        from invemb.fidelity import surface_oracle
+        oracle = surface_oracle(model, {"training": train_texts, "validation": [r.text for r in split.val]},
+                                train_texts)
+        Path(args.surface_oracle).write_text(render_oracle(oracle, res))
+        print(f"[fidelity] surface oracle: " + ", ".join(f"{k} {v['share']:.4%}" for k, v in oracle["sets"].items())
+              + f" -> {display_path(args.surface_oracle)}", flush=True)
+        if args.oracle_only:
+            return 0
     timings = {}
 
     def stage(name, fn):
@@ -129,14 +160,23 @@ def main(argv=None) -> int:
         res["decoder_check"] = stage("ORT vs PyTorch texts", check)
     res["decoder"] = ("ONNX Runtime fp32 export of the model (top-k graphs, the core search)" if decoder
                       else "PyTorch (the model itself)")
-    res["val"] = stage("validation", lambda: full_evaluation(model, val, (1, 4), args.scorer, args.score_limit,
+    scorer = args.scorer or None
+    beams = tuple(int(b) for b in args.beams.split(","))
+    res["val"] = stage("validation", lambda: full_evaluation(model, val, beams, scorer, args.score_limit,
                                                              progress=True, decoder=decoder))
-    res["newest"] = stage("newest month", lambda: full_evaluation(model, newest, (1, 4), args.scorer,
+    res["newest"] = stage("newest month", lambda: full_evaluation(model, newest, beams, scorer,
                                                                   min(args.score_limit, 500), decoder=decoder))
-    res["newest"]["from"] = str(newest_cutoff(records, 30))
+    res["newest"]["from"] = str(newest_cutoff(records, days))
+    if args.perturbed_limit > 0:
+        res["perturbed"] = stage("perturbed facts", lambda: perturbed_facts_study(
+            model, val, args.perturbed_limit, args.perturbed_seed, decoder=decoder))
+    if args.distance_pairs > 0:
+        res["distance"] = stage("one-change distances", lambda: distance_table(
+            model, val, args.distance_pairs, 0, split_cfg["noise_sigma"]))
     study = val[:args.study_limit]
-    res["noise"] = stage("noise study", lambda: noise_study(model, study, decoder=decoder))
-    res["compression"] = stage("compression", lambda: compression_study(model, study, decoder=decoder))
+    if study:
+        res["noise"] = stage("noise study", lambda: noise_study(model, study, decoder=decoder))
+        res["compression"] = stage("compression", lambda: compression_study(model, study, decoder=decoder))
     if args.rerank_limit >= 0:
         res["rerank"] = stage("re-ranking", lambda: rerank_study(model, val[:args.rerank_limit or None],
                                                                  decoder=decoder))
@@ -150,7 +190,7 @@ def main(argv=None) -> int:
         res["int8"] = stage("ORT int8 vs fp32", int8)
     res["timings_s"] = timings
     for part in ("val", "newest"):
-        res[part].pop("_hyps", None)
+        res[part].pop("_hyps", None), res[part].pop("_written", None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res["seconds"] = time.time() - t_start
@@ -160,29 +200,52 @@ def main(argv=None) -> int:
     return 0
 
 
+def _set_names(res: dict) -> tuple[str, str]:
+    """The validation and newest-days labels, from the recipe recorded in the JSON (issue 33: never constants)."""
+    sp = res.get("split") or {"val_fraction": 0.1, "seed": 0, "holdout_newest_days": 30}
+    days = res.get("newest_days", 30)
+    held = "held out of training" if sp.get("holdout_newest_days") else "NOT held out: the recipe holds none"
+    new = res["newest"]
+    return (f"validation (seed-{sp['seed']} {sp['val_fraction']:.0%})",
+            f"newest {days} days (from {new.get('from')}, {held})")
+
+
+FACT_COLS = ["number_recall", "name_recall", "numbers_all_right", "facts_all_right", "n_numbers", "n_names",
+             "with_numbers", "with_facts"]
+
+
 def render(res: dict, seconds: float) -> str:
     from invemb.fidelity import REPORT_ROWS
     val, new = res["val"], res["newest"]
+    val_name, new_name = _set_names(res)
     hist = res["history"][-1] if res["history"] else {}
     from invemb.training.ship import gpu_minutes
     gpu_min = gpu_minutes(res["history"] or [])
     gpu = (f" plus {gpu_min:.1f} GPU minutes (the GPU runs of the model card's lineage: results/gpu_run.md)"
            if gpu_min else "")
+    sp = res.get("split")
+    split_line = (f"Split from the model's recipe: val_fraction {sp['val_fraction']}, seed {sp['seed']}, "
+                  f"holdout_newest_days {sp['holdout_newest_days']}, training noise sigma {sp['noise_sigma']}."
+                  if sp and sp.get("from_recipe") else "The checkpoint has no recipe: the default split (10%, seed 0).")
     lines = ["# Fidelity of the shipped model", "",
              f"Model: `{res['model']}`; {hist.get('steps_cumulative', '?')} training steps, "
-             f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch{gpu}. Machine: {res['machine']} "
-             f"(no GPU). Command: `{res['command']}` ({seconds / 60:.0f} min).", "",
-             "References are the inputs after the tokenizer (lower-cased WordPiece text): what a perfect "
-             "reconstruction reads. token_acc = generated-token positional accuracy (the report's 'token "
-             f"accuracy' is teacher-forced top-1, given in the top-k table). BERTScore: {val.get('bertscore')}; "
-             "paraphrase cosine: all-mpnet-base-v2.", "",
+             f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch{gpu}. Machine: {res['machine']}. "
+             f"Command: `{res['command']}` ({seconds / 60:.0f} min). {split_line if sp else ''}", "",
+             "Normalised figures (token_acc, exact_match, bleu, BERTScore) compare with the inputs after the tokenizer "
+             "(lower-cased WordPiece text: what a perfect normalised reconstruction reads). Written-form figures "
+             "(raw_exact: case- and space-sensitive; caseless_exact; cased_bleu) compare the decoded text AS WRITTEN "
+             "(the surface heads; a model without them gives its normalised text) with the original headline, "
+             "whitespace collapsed; both forms come from the same generated ids. token_acc = generated-token "
+             "positional accuracy (the report's 'token accuracy' is teacher-forced top-1, given in the top-k "
+             f"table). BERTScore: {val.get('bertscore')}; paraphrase cosine: all-mpnet-base-v2.", "",
              f"Decoded by: {res.get('decoder', 'PyTorch (the model itself)')}"
              + (f"; its beam-4 texts equal PyTorch's on {res['decoder_check']['same_text_rate']:.1%} of the first "
                 f"{res['decoder_check']['n']} validation headlines." if res.get("decoder_check") else "."), "",
              "## Validation split and new headlines", ""]
-    cols = ["set", "decode", "n", "token_acc", "exact_match", "bleu", "bertscore_f1", "paraphrase_cos", "scored_n"]
-    lines += _table(_mode_rows("validation (seed-0 10%)", val) + _mode_rows(
-        f"newest 30 days (from {new.get('from')}, held out of training)", new), cols)
+    cols = ["set", "decode", "n", "token_acc", "exact_match", "bleu", "raw_exact", "caseless_exact", "cased_bleu",
+            "bertscore_f1", "paraphrase_cos", "scored_n"]
+    lines += _table(_mode_rows(val_name, val) + _mode_rows(new_name, new), cols)
+    lines += _facts_section(res, val_name, new_name)
     lines += ["", "The reference report (FinBERT, GPU, 40 epochs; validation):", ""]
     lines += _table(REPORT_ROWS, ["model", "token_acc", "bertscore_f1"])
     lines += ["", "(the report's token accuracy is teacher-forced: compare with top1 below)", "",
@@ -190,11 +253,12 @@ def render(res: dict, seconds: float) -> str:
     tf = val["teacher_forced"]
     lines += _table([{"set": "validation", **tf}, {"set": "newest 30 days", **new["teacher_forced"]}],
                     ["set"] + list(tf))
-    lines += ["", "## Noise study (greedy; sigma relative to each vector's RMS)", ""]
-    lines += _table(res["noise"], ["sigma", "token_acc", "exact_match", "bleu"])
-    lines += ["", "## Vector compression (greedy)", ""]
-    lines += _table(res["compression"], ["compression", "bytes_per_headline", "cosine_to_fp32", "token_acc",
-                                         "exact_match", "bleu"])
+    if res.get("noise"):
+        lines += ["", "## Noise study (greedy; sigma relative to each vector's RMS)", ""]
+        lines += _table(res["noise"], ["sigma", "token_acc", "exact_match", "bleu"])
+        lines += ["", "## Vector compression (greedy)", ""]
+        lines += _table(res["compression"], ["compression", "bytes_per_headline", "cosine_to_fp32", "token_acc",
+                                             "exact_match", "bleu"])
     if res.get("rerank"):
         rr = res["rerank"]
         lines += ["", f"## Round-trip re-ranking ({rr[0]['n']} validation headlines)", "",
@@ -203,7 +267,8 @@ def render(res: dict, seconds: float) -> str:
                   "--rerank`): the decoder's likelihood favours frequent phrasings, the encoder checks which "
                   "candidate says what the vector says. Cost: one encode per candidate. Both rows of a beam size come "
                   "from one search (its best hypothesis / the re-ranked choice); seconds include the search.", ""]
-        lines += _table(rr, ["decode", "token_acc", "exact_match", "bleu", "seconds"])
+        lines += _table(rr, ["decode", "token_acc", "exact_match", "bleu", "raw_exact", "cased_bleu", "number_recall",
+                             "name_recall", "facts_all_right", "seconds"])
     if "int8" in res:
         i8 = res["int8"]
         lines += ["", f"## ONNX Runtime int8 variant vs fp32 ({i8['n']} validation headlines, beam 4)", ""]
@@ -223,6 +288,7 @@ def render(res: dict, seconds: float) -> str:
         lines += _table(res["curve"], ["step", "cpu_hours_cumulative", "val_top1", "val_loss", "val_greedy_bleu",
                                        "val_greedy_exact"])
     ex = val.get("examples", [])[:10]
+    ex = [{k: e[k] for k in e if k != "beam4" or "beam4 (written)" not in e} for e in ex]  # written when it exists
     if ex:
         lines += ["", "## Examples (validation)", ""]
         keys = list(ex[0])
@@ -230,6 +296,68 @@ def render(res: dict, seconds: float) -> str:
         lines += ["| " + " | ".join(e[k].replace("|", "\\|") for k in keys) + " |" for e in ex]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings_s"].items()), ""]
     return "\n".join(lines)
+
+
+def _facts_section(res: dict, val_name: str, new_name: str) -> list[str]:
+    """Facts of the written form (issue 29), the perturbed-facts set, the outside-vocabulary split (issue 33) and
+    the one-change distance table."""
+    val, new = res["val"], res["newest"]
+    lines = ["", "## Facts (numbers and names of the original, found in the decoded text)", "",
+             "number_recall: every number of the original with its separators, currency and unit (`$3.2 billion`, "
+             "`5.5%`, `443,956`, `£3bn`; WordPiece spacing inside a number joined, case ignored) found in the decoded "
+             "text; name_recall: capitalised words of the original other than its first, found as whole words (case, "
+             "accents and curly quotes folded); numbers_all_right: share of the headlines holding a number "
+             "(with_numbers) whose numbers all come back; facts_all_right: share of the headlines holding a number or "
+             "a name (with_facts) whose numbers and names all come back (invemb.metrics.fact_metrics).", ""]
+    rows = _mode_rows(val_name, val) + _mode_rows(new_name, new)
+    pert = res.get("perturbed")
+    if pert:
+        for part in ("originals", "perturbed"):
+            rows.append({"set": f"perturbed-facts set: {part}", "decode": f"beam{pert['beam']}", "n": pert["n"],
+                         **pert[part]})
+    lines += _table(rows, ["set", "decode", "n"] + FACT_COLS)
+    if pert:
+        lines += ["", f"Perturbed-facts set: the first {pert['n']} validation headlines (of the set above) that hold "
+                  "a number or a simple name; every number replaced by a random number of the same shape (digits, "
+                  "separators, unit), every simple capitalised word after the first by a name of another headline "
+                  f"(invemb.facts.perturbed_facts_set, seed {pert['seed']}). The decoder's prior cannot guess these "
+                  "facts: recall on the perturbed copies measures what the vector CARRIES.", ""]
+        lines += _table(pert.get("examples", []), ["original", "perturbed", "decoded"])
+    lines += ["", "## Headlines holding a WordPiece outside the compact vocabulary (normalised exact match)", ""]
+    lines += _table([{"set": s, "decode": m, **r[m]} for s, r in ((val_name, val), (new_name, new))
+                     for m in ("greedy", "beam4") if m in r and "n_with" in r[m]],
+                    ["set", "decode", "n_with", "exact_with", "n_without", "exact_without"])
+    dist = res.get("distance")
+    if dist:
+        sigma = dist.get("noise_sigma")
+        lines += ["", "## One change, how far the vector moves (diagnostic)", "",
+                  "||v(a) - v(b)|| / (RMS(v(a)) * sqrt(S)) for a validation headline a and b = a with ONE number's "
+                  "digits redrawn (same shape) / one simple name swapped for another headline's / one ordinary "
+                  f"lower-case word swapped (invemb.facts.one_change_pairs, seed {dist['seed']}). The training "
+                  f"noise N(0, (sigma RMS)^2) moves a vector by sigma on this scale: sigma = {sigma} (the model's "
+                  "recipe). A change the decoder must tell apart should move the vector well above it.", ""]
+        lines += _table(dist["rows"], ["kind", "n", "mean", "min", "max", "closest"])
+        if "number_mean_above_2x_noise" in dist:
+            lines += ["", f"One-number mean above 2 x noise ({2 * sigma:.3f}): "
+                      f"{'yes' if dist['number_mean_above_2x_noise'] else 'NO'}."]
+    return lines
+
+
+def render_oracle(oracle: dict, res: dict) -> str:
+    """results/surface_oracle.md: the written form's oracle round trip per set, every failure listed."""
+    lines = ["# The written form's oracle round trip", "",
+             f"original -> decoder targets (pieces + case / space tags; invemb.surface.decoder_targets) -> render == "
+             f"original, for the headlines of `{res['model']}`'s split (seed {res['split']['seed']}, val_fraction "
+             f"{res['split']['val_fraction']}). Surface table: {oracle['table_from']} ({oracle['table_size']} pieces); "
+             f"spell_numbers {oracle['spell_numbers']}. Command: `{res['command']}`. A failure cannot come back "
+             "exactly whatever the decoder does.", ""]
+    lines += _table([{"set": k, "n": v["n"], "share": v["share"], "failures": len(v["failures"])}
+                     for k, v in oracle["sets"].items()], ["set", "n", "share", "failures"])
+    for name, v in oracle["sets"].items():
+        lines += ["", f"## Failures: {name} ({len(v['failures'])})", ""]
+        lines += _table([{"original": a.replace("|", "\\|"), "rendered": b.replace("|", "\\|")}
+                         for a, b in v["failures"]], ["original", "rendered"])
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
