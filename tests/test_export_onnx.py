@@ -266,7 +266,7 @@ def test_validate_cli_passes(toy_checkpoint, onnx_dir, data_dir, capsys):
 def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     """optimize.py: fused + int8 graphs load through the manifest and cost at most 5 points of token accuracy
     (and 0.01 of encoder cosine) on the memorised headlines."""
-    from invemb.export import optimize
+    from invemb.export import optimize, optimize_report
     d = tmp_path / "onnx"
     shutil.copytree(onnx_dir, d)
     made = optimize.make_variants(d, ("opt", "int8"))
@@ -277,7 +277,8 @@ def test_int8_variant_within_accuracy_budget(onnx_dir, headlines32, tmp_path):
     assert made["int8"]["smoothing"]["static_activations"]["encoder"] > 0  # ... and quantised with fixed ranges
     assert "decoder_step" not in made["int8"]["smoothing"]["static_activations"]  # no calibration text: dynamic
     assert made["int8_encoder"]["files"] == {"encoder": "encoder.int8.onnx"}  # + the fp32 decoders
-    rows = {r["variant"]: r for r in optimize.measure(d, headlines32, ("opt", "int8"), threads=1, repeats=1)}
+    rows = {r["variant"]: r
+            for r in optimize_report.measure(d, headlines32, ("opt", "int8"), threads=1, repeats=1)}
     assert rows["fp32"]["token_accuracy"] >= 0.5
     assert rows["opt"]["same_text_as_fp32"] == 1.0 and rows["opt"]["cosine_min"] > 0.9999
     assert rows["int8"]["cosine_min"] > 0.99
