@@ -3,6 +3,7 @@
     python serving/client.py --url 127.0.0.1:8001 encode headlines.txt --out vecs.npy
     python serving/client.py decode vecs.npy --out texts.txt                       # server-side beam_search
     python serving/client.py decode vecs.npy --mode client --export onnx/small      # beam search here
+    python serving/client.py decode vecs.npy --normalized     # lower-cased WordPiece text, not as written
     python serving/client.py roundtrip headlines.txt [--mode client --export onnx/small]
 
 Server-side decoding calls the `beam_search` model (BLS); client-side decoding runs the core's beam search
@@ -274,11 +275,15 @@ class TritonClient:
 
     def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None, batch_size: int = 16,
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
-               manifest: dict | None = None, tokenizer=None, rerank: bool = False, label=None) -> list[str]:
+               manifest: dict | None = None, tokenizer=None, rerank: bool = False, label=None,
+               normalized: bool = False, surface_table: dict | None = None) -> list[str]:
         """Vectors [N,S] -> texts. mode "server": the `beam_search` model; "client": the core's beam search here
         over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank: the beam's n-best
         re-ranked by re-encoding them (server mode: the `rerank` input of beam_search; client mode: the search
-        here, the candidates encoded by the server's `encoder` model)."""
+        here, the candidates encoded by the server's `encoder` model). Texts are as written for a model with
+        surface heads (server: output `text`; client mode: the served `decoder_surface` model, with the export's
+        surface_table = invemb.manifest.load_export_surface(folder, manifest)); normalized=True: the lower-cased
+        WordPiece text (output `normalized_text`)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ClientError(f"vectors must have shape [N, S] with N >= 1, got {list(vectors.shape)}")
@@ -295,7 +300,7 @@ class TritonClient:
         chunks = [vectors[r] for r in rows]  # [b,S] each
         if mode == "client":
             return self._decode_client(chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
-                                       rerank)
+                                       rerank, normalized, surface_table)
         requests = []
         for c in chunks:
             feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32),
@@ -303,50 +308,57 @@ class TritonClient:
             if max_length is not None:
                 feeds["max_length"] = np.full((len(c), 1), max_length, np.int32)
             requests.append(feeds)
-        out = self.infer_many("beam_search", requests, ["text"], max_in_flight, progress, "decode", rows=rows,
+        name = "normalized_text" if normalized else "text"
+        out = self.infer_many("beam_search", requests, [name], max_in_flight, progress, "decode", rows=rows,
                               label=label)
-        return [t.decode("utf-8") for o in out for t in o["text"].reshape(-1)]
+        return [t.decode("utf-8") for o in out for t in o[name].reshape(-1)]
 
     def _decode_client(self, chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
-                       rerank=False):
+                       rerank=False, normalized=False, surface_table=None):
         from tqdm.auto import tqdm
 
         from invemb.generation import generate
         from invemb.graph_stepper import GraphEmbedder
         from invemb.manifest import check_vectors, generation_config
-        from invemb.text import detokenize_ids
         if manifest is None or tokenizer is None:
             raise ClientError("client-side decoding needs the export's manifest and tokenizer (--export DIR)")
+        if "surface" in manifest and surface_table is None and not normalized:
+            raise ClientError("client-side decoding of a model with surface heads needs the export's surface table "
+                              "(surface.json of --export DIR), or normalized text (--normalized)")
         cfg = generation_config(manifest, beam_size, max_length)
+        # texts of a chunk: as written through the served decoder_surface model (one call), or normalised
+        emb = GraphEmbedder(self.run_graph, manifest, tokenizer, surface_table=surface_table)
 
-        def one(chunk: np.ndarray) -> list[list[int]]:
+        def one(chunk: np.ndarray) -> list[str]:
             chunk = check_vectors(manifest, chunk)
             if rerank and beam_size > 1:  # the search here, candidates re-encoded by the server's encoder model
-                return GraphEmbedder(self.run_graph, manifest, tokenizer).rerank_ids(chunk, beam_size, max_length)
-            return [h.tokens for h in generate(grpc_stepper(self, manifest, chunk), cfg)]
+                ids = emb.rerank_ids(chunk, beam_size, max_length)
+            else:
+                ids = [h.tokens for h in generate(grpc_stepper(self, manifest, chunk), cfg)]
+            return emb.texts(chunk, ids, normalized)
 
         with ThreadPoolExecutor(max(1, max_in_flight)) as pool:
-            ids = [t for part in tqdm(pool.map(one, chunks), total=len(chunks), disable=not progress,
-                                      desc="decode (client)", unit="req") for t in part]
-        return detokenize_ids(tokenizer, ids)
+            return [t for part in tqdm(pool.map(one, chunks), total=len(chunks), disable=not progress,
+                                       desc="decode (client)", unit="req") for t in part]
 
     def roundtrip(self, texts: Sequence[str], batch_size: int = 16, max_in_flight: int = 4,
                   progress: bool = False, mode: str = "server", beam_size: int = 4, label=None,
-                  **decode_kw) -> list[str]:
-        """Texts -> reconstructed texts: the `roundtrip` ensemble (server, default beam size of the model) or
-        `encode` + client-side beam search."""
+                  normalized: bool = False, **decode_kw) -> list[str]:
+        """Texts -> reconstructed texts (as written, or normalized=True: lower-cased WordPiece text; see decode):
+        the `roundtrip` ensemble (server, default beam size of the model) or `encode` + client-side beam search."""
         if mode == "client":
             return self.decode(self.encode(texts, batch_size, max_in_flight, progress, label=label),
                                beam_size=beam_size, batch_size=batch_size, max_in_flight=max_in_flight,
-                               progress=progress, mode="client", label=label, **decode_kw)
+                               progress=progress, mode="client", label=label, normalized=normalized, **decode_kw)
         if not len(texts):
             return []
         self.check_texts(texts, "beam_search", label)
         # similar lengths per request: less padding, and the beams of one request end together
         rows = length_sorted_batches(texts, min(batch_size, self.limits()["roundtrip_batch"]))
+        name = "normalized_text" if normalized else "decoded_text"
         out = self.infer_many("roundtrip", [{"text": text_tensor([texts[r] for r in b])} for b in rows],
-                              ["decoded_text"], max_in_flight, progress, "roundtrip", rows=rows, label=label)
-        return [t.decode("utf-8") for t in unsort(rows, [o["decoded_text"].reshape(-1) for o in out])]
+                              [name], max_in_flight, progress, "roundtrip", rows=rows, label=label)
+        return [t.decode("utf-8") for t in unsort(rows, [o[name].reshape(-1) for o in out])]
 
     def close(self) -> None:
         self.client.close()

@@ -3,6 +3,7 @@
     python serving/client.py --url 127.0.0.1:8001 encode headlines.txt --out vecs.npy [--resume]
     python serving/client.py decode vecs.npy --out texts.txt                       # server-side beam_search
     python serving/client.py decode vecs.npy --mode client --export onnx/small      # beam search here
+    python serving/client.py decode vecs.npy --normalized     # lower-cased WordPiece text, not as written
     python serving/client.py roundtrip headlines.txt --out pairs.tsv
 
 Everything the server would refuse is found before sending and named by the user's file lines (.txt: line
@@ -119,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--export", default=None, help="export folder (manifest.json + tokenizer/), for --mode client")
         p.add_argument("--beam-size", type=int, default=4)
         p.add_argument("--max-length", type=int, default=None)
+        p.add_argument("--normalized", action="store_true",
+                       help="lower-cased WordPiece text (the tokenizer's form) instead of the text as written "
+                            "(models with surface heads)")
         if name == "decode":
             p.add_argument("--rerank", action="store_true",
                            help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
@@ -158,12 +162,15 @@ def run(args) -> None:
         top = client.limits()["max_beam_size"]
         if not 1 <= args.beam_size <= top:
             raise ClientError(f"--beam-size must be in [1, {top}] (the server's max_beam_size), got {args.beam_size}")
-    manifest = tokenizer = None
+    manifest = tokenizer = table = None
     if getattr(args, "mode", "server") == "client":
+        from invemb.manifest import load_export_surface
         manifest, tokenizer = load_export(args.export)
+        table = load_export_surface(args.export, manifest)  # None: no surface heads (normalised text)
+    normalized = getattr(args, "normalized", False)
     common = dict(max_in_flight=args.concurrency, progress=not args.no_progress)
     job = {"command": args.command, "input_sha256": file_hash(data),
-           **{k: getattr(args, k, None) for k in ("mode", "beam_size", "max_length", "rerank")}}
+           **{k: getattr(args, k, None) for k in ("mode", "beam_size", "max_length", "rerank", "normalized")}}
 
     def sub_label(start: int):
         return lambda rows: label([start + r for r in rows])
@@ -180,13 +187,13 @@ def run(args) -> None:
         def work(a, b):
             return client.decode(values[a:b], args.beam_size, args.max_length, args.batch_size, mode=args.mode,
                                  manifest=manifest, tokenizer=tokenizer, rerank=args.rerank, label=sub_label(a),
-                                 **common)
+                                 normalized=normalized, surface_table=table, **common)
     else:
         def work(a, b):
             out = client.roundtrip(values[a:b], args.batch_size, mode=args.mode, beam_size=args.beam_size,
-                                   label=sub_label(a), **({"max_length": args.max_length, "manifest": manifest,
-                                                           "tokenizer": tokenizer} if args.mode == "client" else {}),
-                                   **common)
+                                   label=sub_label(a), normalized=normalized,
+                                   **({"max_length": args.max_length, "manifest": manifest, "tokenizer": tokenizer,
+                                       "surface_table": table} if args.mode == "client" else {}), **common)
             return [f"{t}\t{o}" for t, o in zip(values[a:b], out)]
     result = run_chunked(args, len(values), job, work)
     if result is not None:

@@ -8,7 +8,9 @@ beam_search); results/bench_serving_encoder.md, 2-core EPYC, concurrency 1/4/16,
 
 Runs the core's ONE search, `invemb.generation.generate`, with an `invemb.graph_stepper.GraphStepper` whose
 start/step run the `decoder_init` / `decoder_step` graphs, then the core's detokenization
-(`invemb.text.detokenize_ids`). Parameter `decoder_runner`:
+(`invemb.text.detokenize_ids`): output `normalized_text`. Output `text` is the text as written when the export has
+surface heads (surface.json here; one run of the `decoder_surface` graph per search, by the same runner: the core's
+EmbedderBase.texts), else the normalised text too. Parameter `decoder_runner`:
   onnxruntime (default) - this model instance holds its own ONNX Runtime sessions of the two graphs (the files
       Triton serves as the decoder_init / decoder_step models), so the KV cache and the [N, V] log-probs of every
       step never leave the process (no per-step round trip through the server);
@@ -107,7 +109,11 @@ class TritonPythonModel:
             raise ValueError(f"parameter decoder_runner must be onnxruntime or bls, got {self.runner_kind!r}")
         from invemb.graph_stepper import GraphEmbedder
         # encodes source_text and re-ranks (the encoder graph through run_graph); holds no per-request state
-        self.embedder = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer)
+        from invemb.manifest import load_export_surface
+        # surface.json beside the manifest (a model with surface heads): `text` as written, after the search one
+        # decoder_surface run per group (that graph through run_graph); `normalized_text` the normalised form
+        table = load_export_surface(Path(args["model_repository"]) / args["model_version"], self.manifest)
+        self.embedder = GraphEmbedder(self.run_graph, self.manifest, self.tokenizer, surface_table=table)
         # BLS: one worker (the decoder models parallelise in their own instances)
         self.embedder.set_search_workers(int(workers) if self.runner_kind == "onnxruntime" else 1)
         self.cores = None
@@ -213,15 +219,21 @@ class TritonPythonModel:
                 else:  # the core's search, its rows split over the free cores
                     hyps = self._search(self.embedder.search, vectors,
                                         generation_config(self.manifest, beam, max_length))
-                texts = detokenize_ids(self.tokenizer, [h.tokens for h in hyps])
+                ids = [h.tokens for h in hyps]
+                normalized = detokenize_ids(self.tokenizer, ids)
+                asked = [set(requests[r].requested_output_names()) if hasattr(requests[r], "requested_output_names")
+                         else {"text"} for r, _ in members]
+                texts = self.embedder.texts(vectors, ids) if any("text" in a for a in asked) else normalized
                 start = 0
                 for r, v in members:
                     rows = slice(start, start + len(v))
                     start += len(v)
                     text = np.array([t.encode("utf-8") for t in texts[rows]], dtype=np.object_).reshape(-1, 1)
+                    norm = np.array([t.encode("utf-8") for t in normalized[rows]], dtype=np.object_).reshape(-1, 1)
                     score = np.array([h.score for h in hyps[rows]], dtype=np.float32).reshape(-1, 1)
                     responses[r] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("text", text), pb_utils.Tensor("score", score)])
+                        output_tensors=[pb_utils.Tensor("text", text), pb_utils.Tensor("score", score),
+                                        pb_utils.Tensor("normalized_text", norm)])
             except Exception as e:  # noqa: BLE001 - e.g. a decoder model failed: every request of the group
                 msg = f"beam_search: {type(e).__name__}: {str(e)[:500]}"
                 for r, _ in members:
