@@ -58,4 +58,6 @@ def test_pipeline_default_runs_on_the_shipped_model(data_dir, tmp_path):
     overlap = [len(words(x["original"]) & words(x["roundtrip"])) / len(words(x["original"])) for x in rows]
     assert sum(overlap) / len(overlap) > 0.5, rows
     m = json.loads((out / "eval/metrics.json").read_text())
-    assert m["n"] == 16 and m["beam4"]["bleu"] > 20, m["beam4"]
+    # measured on these 16 (the shipped model, 102,200 steps, beam 4, 2026-12-06, AMD EPYC): BLEU 79.0, exact 7/16;
+    # the margin: ~3 BLEU (16 headlines: one flipped token moves BLEU by 1-2) and one headline
+    assert m["n"] == 16 and m["beam4"]["bleu"] >= 76.0 and m["beam4"]["exact_match"] >= 6 / 16, m["beam4"]
