@@ -5,7 +5,9 @@ Data order: epoch e shuffles the training rows with random.Random(seed + e); glo
 split across ranks, rank r taking rows [r*micro, (r+1)*micro); an optimizer step consumes grad_accum global
 batches. The global RNG is re-seeded from (seed, epoch, batch, rank) before each micro-batch, so dropout, noise
 and Gumbel samples are the same whether or not a run was interrupted: a resumed run skips the consumed batches
-and continues exactly where the checkpoint was taken.
+and continues exactly where the checkpoint was taken, on the same learning-rate schedule and time budget (the
+fitted cosine end and the minutes spent are in the checkpoint state: invemb.training.schedule). run.py refuses to
+resume on other training texts (invemb.training.resume) unless --allow-data-change.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@
     deepspeed --num_gpus 2 train/run.py --config train/configs/toy.yaml deepspeed_config=train/ds_config/zero2.json
     deepspeed --num_gpus 8 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768
     # (port 29500 taken by another job? add --master_port 29511 after --num_gpus)
-    # continue a killed run from its latest checkpoint (same data order, same world size):
+    # continue a killed run from its latest checkpoint (same data order, same world size; changed training texts
+    # or data keys of the recipe are refused, --allow-data-change goes on; max_minutes counts the time before):
     deepspeed --num_gpus 2 train/run.py --config train/configs/report-768-attention.yaml --out runs/r768 --resume
     # overrides: key=value (YAML values), model.<encoder|decoder>.<key>=value for the model
     python train/run.py --config train/configs/toy.yaml max_steps=20 model.decoder.n_layers=1
