@@ -4,6 +4,8 @@
     invemb encode    [--checkpoint DIR] --input headlines.txt --output vectors.npy
     invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4] [--rerank]
     invemb evaluate  [--checkpoint DIR] [--data PATH] [--limit 500] [--output metrics.json]
+    (decode / roundtrip / evaluate: texts as written, case and spacing from the model's surface heads;
+     --normalized: the lower-cased WordPiece text, the form of models without them)
     invemb pipeline  [--data PATH] [--out runs/pipeline]      # train -> evaluate -> export -> serve -> roundtrip
 
 Bad input (missing files, empty texts, wrong vector width, NaN/Inf, unknown model) prints one line
@@ -66,7 +68,7 @@ def cmd_decode(args) -> None:
     model = _load(args)
     vectors = model.check_vectors(_read_vectors(args.input))
     texts = model.decode(vectors, beam_size=args.beam_size, batch_size=args.batch_size, progress=True,
-                         rerank=args.rerank)
+                         rerank=args.rerank, normalized=args.normalized)
     if args.output:
         atomic_write(args.output, lambda p: Path(p).write_text("\n".join(texts) + "\n"))
         print(f"wrote {len(texts)} texts to {args.output}")
@@ -80,9 +82,11 @@ def cmd_roundtrip(args) -> None:
     if not texts:
         raise InvembError("give texts as arguments or --input FILE")
     model = _load(args)
-    decoded = model.decode(model.encode(texts), beam_size=args.beam_size, rerank=args.rerank)
+    decoded = model.decode(model.encode(texts), beam_size=args.beam_size, rerank=args.rerank,
+                           normalized=args.normalized)
     width = min(60, max(len(t) for t in texts))
-    print(f"{'input':<{width}} | decoded (beam {args.beam_size})")
+    form = "as written" if model.writes_surface and not args.normalized else "normalised"
+    print(f"{'input':<{width}} | decoded (beam {args.beam_size}, {form})")
     print("-" * width + "-+-" + "-" * width)
     for t, d in zip(texts, decoded):
         print(f"{t:<{width}} | {d}")
@@ -99,7 +103,10 @@ def cmd_evaluate(args) -> None:
     result = evaluate(model, texts, beams, batch_size=args.batch_size,
                       scorer=None if args.scorer == "none" else args.scorer, noise_sigma=args.noise, progress=True)
     result.update(checkpoint=str(args.checkpoint or "shipped"), split=args.split)
-    result.pop("_hyps", None)
+    result.pop("_hyps", None), result.pop("_written", None)
+    if args.normalized:  # examples in the normalised form only (the metrics keep both forms)
+        result["examples"] = [{k: v for k, v in ex.items() if not k.endswith("(written)")}
+                              for ex in result.get("examples", [])]
     if args.output:
         atomic_write(args.output, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
     print(format_table(result))
@@ -118,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=64)
         return sp
 
+    def normalized(sp, help_text: str = "lower-cased WordPiece text (the tokenizer's form) instead of the text "
+                                        "as written (case and spacing from the model's surface heads)"):
+        sp.add_argument("--normalized", action="store_true", help=help_text)
+
     sp = common(sub.add_parser("encode", help="texts file (.txt/.csv) -> vectors .npy"))
     sp.add_argument("--input", required=True)
     sp.add_argument("--output", required=True)
@@ -128,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--beam-size", type=int, default=4)
     sp.add_argument("--rerank", action="store_true",
                     help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
+    normalized(sp)
     sp.set_defaults(func=cmd_decode)
     sp = common(sub.add_parser("roundtrip", help="text -> vector -> text, side by side"))
     sp.add_argument("texts", nargs="*")
@@ -135,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--beam-size", type=int, default=4)
     sp.add_argument("--rerank", action="store_true",
                     help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
+    normalized(sp)
     sp.set_defaults(func=cmd_roundtrip)
     sp = common(sub.add_parser("evaluate", help="checkpoint + data -> metrics JSON + table"))
     sp.add_argument("--data", help="data folder/file (default: $INVEMB_DATA)")
@@ -145,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--noise", type=float, default=0.0, help="sigma of N(0, sigma*rms(v)) added to vectors")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--output", help="metrics JSON path")
+    normalized(sp, "examples: only the lower-cased WordPiece texts (default: also as written, for a model with "
+                   "surface heads; the metrics give both forms either way)")
     sp.set_defaults(func=cmd_evaluate)
     sub.add_parser("pipeline", help="train -> evaluate -> export -> serve -> roundtrip (see invemb pipeline -h)")
     return p

@@ -18,7 +18,8 @@ Stages (each logs to <out>/logs/<stage>.log and leaves <out>/<stage>.done when i
             fresh Triton model repository <out>/model_repository (the CPU serving default: the static int8 encoder,
             fp32 decoders)
   serve     starts the real Triton server, round-trips 10 validation headlines through the `roundtrip` ensemble,
-            prints them beside the originals and the metrics table, stops the server
+            prints them (as written, for a model with surface heads) beside the originals and the metrics table,
+            stops the server
 A failing stage says which and why (log tail) and keeps what earlier stages produced.
 """
 from __future__ import annotations
@@ -132,9 +133,21 @@ def stage_serve(a, out: Path) -> None:
     width = max(len(t) for t in texts)
     from invemb.export.placement import served_variant
     encoder = "int8 encoder" if served_variant(out / "model_repository") == "int8_encoder" else "encoder"
-    print(f"\n  {'original (validation)':<{width}} | roundtrip through Triton (tokenizer -> {encoder} -> beam_search)")
+    print(f"\n  {'original (validation)':<{width}} | roundtrip through Triton (tokenizer -> {encoder} -> beam_search; "
+          f"{served_form(out) or 'form unknown'})")
     for r in rows:
         print(f"  {r['original']:<{width}} | {r['roundtrip']}")
+
+
+def served_form(out: Path) -> str:
+    """How the served texts read: as written (a model with surface heads: case and spacing from its tag heads) or
+    the normalised lower-cased WordPiece text (the `roundtrip` ensemble's decoded_text either way)."""
+    from invemb.manifest import read_manifest
+    try:
+        surface = "surface" in read_manifest(out / "model_repository" / "beam_search" / "1")
+    except InvembError:  # no repository (yet): say nothing
+        return ""
+    return "as written" if surface else "normalised: lower-cased WordPiece"
 
 
 def summary(out: Path, times: dict) -> str:
@@ -147,7 +160,9 @@ def summary(out: Path, times: dict) -> str:
                   format_table(m)]
     if (out / "serve/roundtrip.json").is_file():
         rows = json.loads((out / "serve/roundtrip.json").read_text())
-        lines += ["", "## Round trip through Triton", "", "| original | roundtrip |", "|---|---|"]
+        form = served_form(out)
+        lines += ["", "## Round trip through Triton", "", f"| original | roundtrip{f' ({form})' if form else ''} |",
+                  "|---|---|"]
         lines += [f"| {r['original']} | {r['roundtrip']} |" for r in rows]
     return "\n".join(lines) + "\n"
 

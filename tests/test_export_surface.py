@@ -116,3 +116,20 @@ def test_variants_and_one_call_keep_the_written_form(surface_model, surface_expo
     ref = OnnxEmbedder(d, threads=1)
     assert one.decode(vectors, beam_size=2, max_length=10) == ref.texts(vectors, ids)  # chained decoder_surface
     assert one.decode(vectors, beam_size=2, max_length=10, normalized=True) == ref.detokenize(ids)
+
+
+def test_cli_decode_and_roundtrip_written_or_normalized(surface_model, vectors, tmp_path, capsys):
+    from invemb.cli import main
+    ckpt = surface_model.save_pretrained(tmp_path / "ckpt")
+    np.save(tmp_path / "v.npy", vectors)
+    want = {False: surface_model.decode(vectors), True: surface_model.decode(vectors, normalized=True)}
+    for flag in (False, True):
+        out = tmp_path / f"texts{flag}.txt"
+        args = ["decode", "--checkpoint", str(ckpt), "--input", str(tmp_path / "v.npy"), "--output", str(out)]
+        assert main(args + (["--normalized"] if flag else [])) == 0
+        assert out.read_text(encoding="utf-8").splitlines() == want[flag]
+    capsys.readouterr()
+    assert main(["roundtrip", "--checkpoint", str(ckpt), "Oil prices fall"]) == 0
+    assert "beam 4, as written" in capsys.readouterr().out
+    assert main(["roundtrip", "--checkpoint", str(ckpt), "--normalized", "Oil prices fall"]) == 0
+    assert "beam 4, normalised" in capsys.readouterr().out
