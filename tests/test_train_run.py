@@ -251,6 +251,8 @@ def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     r.cap, clock[0] = 10 ** 6, 9000.0  # past the deadline: the schedule ends at the next step
     r.fit(300)
     assert r.total == 301
+    old = schedule.Schedule(cfg, 10 ** 6, {"step": 240, "wall_total_s": 90.0})  # a checkpoint from before these
+    assert old.spent_before == 90.0 and old.total == 240 + int(30 * 240 / 90)  # fields: the run's wall time, pace
     cfg.fit_to_time = False  # without fit_to_time a checkpoint's total is not used: max_steps is the end
     assert schedule.Schedule(cfg, 500, saved).total == 500
     from invemb.config import TrainConfig

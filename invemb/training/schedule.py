@@ -23,10 +23,14 @@ class Schedule:
         """cap: max_steps / epochs in steps; state: the resumed checkpoint's loop state (None: a fresh run)."""
         self.cfg, self.cap = cfg, cap
         state = state or {}
-        # a checkpoint from before these fields: the old behaviour (schedule from max_steps, budget from zero)
-        fitted = state.get("schedule_total") if cfg.fit_to_time else None
-        self.total = max(1, min(cap, int(fitted))) if fitted else cap
-        self.spent_before = float(state.get("budget_spent_s", 0.0))
+        # a checkpoint from before these fields: its training wall time is the budget spent, and the end is fitted
+        # to the pace of the whole run so far (until the first re-fit measures this process's)
+        self.spent_before = float(state.get("budget_spent_s", state.get("wall_total_s", 0.0)))
+        self.total = cap
+        if cfg.fit_to_time and state.get("schedule_total"):
+            self.total = max(1, min(cap, int(state["schedule_total"])))
+        elif cfg.fit_to_time and cfg.max_minutes > 0 and state.get("step") and self.spent_before > 0:
+            self._fit(state["step"], state["step"], self.spent_before, self.spent_before)
         self.t_start, self.first_step = time.monotonic(), 0
 
     def start(self, step: int) -> None:
@@ -58,10 +62,13 @@ class Schedule:
         """total := the steps that this process's pace (validation and saves included) fits in what is left of the
         run's budget; never beyond the cap, and at least the next step. The pace is this process's (a resumed run
         may run on another machine); the budget is the run's."""
-        done, elapsed = step - self.first_step, time.monotonic() - self.t_start
-        left = max(0.0, 60 * self.cfg.max_minutes - self.spent_before - elapsed)
-        fitted = step + int(left * done / max(elapsed, 1e-9))
-        self.total = max(step + 1, min(self.cap, fitted))
+        elapsed = time.monotonic() - self.t_start
+        self._fit(step, step - self.first_step, elapsed, self.spent_before + elapsed)
+
+    def _fit(self, step: int, done: int, elapsed: float, spent: float) -> None:
+        """total := step + the steps that `done` steps per `elapsed` seconds fit in the budget left after `spent`."""
+        left = max(0.0, 60 * self.cfg.max_minutes - spent)
+        self.total = max(step + 1, min(self.cap, step + int(left * done / max(elapsed, 1e-9))))
 
     def state(self) -> dict:
         """What a checkpoint stores to resume this schedule."""
