@@ -5,6 +5,10 @@ native onnxruntime backend; CUDA has a kernel for it).
     python export/to_onnx.py --one-call ...            # writes <export>/beam_search_op.onnx beside the graphs
     sentence_embedding [B,S] float32, num_beams [1] int32, max_length [1] int32 (generated tokens + 1)
         -> sequences [B, 1, max_length] int32 (BOS first, EOS, then pad), sequences_scores [B, 1] float32
+    OneCallDecoder(export).decode(vectors)              # texts: as written when the export has decoder_surface
+The op runs exactly two subgraphs, so the text as written (a model with surface heads) is one more call after it:
+decoder_surface over [CLS] + the op's pieces (OneCallDecoder.decode chains it; a Triton client of beam_search_op
+sends them to the served decoder_surface model).
 
 How our graphs fit the op's T5-style (model_type 1) subgraphs, whose tensor names and order it checks:
 - encoder subgraph = decoder_init: inputs encoder_input_ids / encoder_attention_mask / decoder_input_ids (int32

@@ -42,8 +42,12 @@ def _model_lines(meta: dict, folder: Path) -> list[str]:
         lines.append(f"- Decoder: {dec['kind']}, {dec['n_layers']} x {dec['d_model']}.")
     tok = folder / "tokenizer_config.json"
     lower = json.loads(tok.read_text()).get("do_lower_case") if tok.is_file() else None
-    if dec.get("surface_heads"):
-        text = "case and spacing heads write the decoded text as the headline was written"
+    if dec.get("surface_heads"):  # the encoder reads uncased pieces: the written form is the heads' best guess
+        text = ("uncased; case and spacing heads write the decoded text as the headline was written. Case is not in "
+                "the vector (the encoder reads lower-cased pieces): the heads infer it from the pieces and the "
+                "training headlines' habits, a prior, so a headline written unusually (ALL CAPS, odd brand "
+                "casing) comes back in its usual form. The normalised lower-cased WordPiece text: "
+                "`decode(..., normalized=True)`, `invemb decode --normalized`, Triton's `normalized_text` output")
     elif lower:
         text = "uncased, so a perfect reconstruction reads the headline lower-cased"
     else:
