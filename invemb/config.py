@@ -41,6 +41,8 @@ class DecoderConfig:
     tie_embeddings: bool = True
     memory_mode: str = "linear"  # linear: Linear(S, k*d) | chunks: the vector's k chunks of S/k dims, one per slot
     output_vocab: int = 0  # 0: the tokenizer's vocabulary; N: a compact vocabulary of N pieces (map in the weights)
+    surface_heads: bool = False  # case + space-before tag heads: decoded text as written (invemb.surface)
+    spell_numbers: bool = False  # targets write every number digit by digit ("587" -> "5 ##8 ##7"; invemb.surface)
 
 
 @dataclass
@@ -73,6 +75,8 @@ class ModelConfig:
         if d.memory_mode == "chunks" and e.sentence_dim % d.memory_slots:
             raise InvembError(f"memory_mode chunks: sentence_dim ({e.sentence_dim}) must be a multiple of "
                               f"memory_slots ({d.memory_slots})")
+        if (d.surface_heads or d.spell_numbers) and d.kind != "transformer":
+            raise InvembError("decoder.surface_heads / spell_numbers need decoder.kind transformer")
         if d.output_vocab and d.kind != "transformer":
             raise InvembError("a compact output vocabulary (decoder.output_vocab) needs decoder.kind transformer")
         return self
@@ -133,6 +137,10 @@ class TrainConfig:
     crop_min_words: int = 3  # shortest crop, in words
     augment_splices: int = 0  # splices of each training headline with another (first words + another's last words)
     splice_rounds: int = 1  # independent draws of augment_splices per headline (round r: seed + r), cached apart
+    augment_numbers: int = 0  # copies of each training headline holding a number, digits randomised (invemb.facts)
+    augment_names: int = 0  # copies of each training headline holding a name, names swapped with other headlines'
+    fact_rounds: int = 1  # independent draws of the number / name copies (round r: seed + 1000 + r)
+    surface_weight: float = 1.0  # weight of the case + space tag losses (decoder.surface_heads)
     cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
     gpu_bf16: bool = True  # plain engine on a GPU with bf16: bf16 autocast (false: fp32, e.g. to match CPU numerics)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -124,6 +124,34 @@ class TransformerDecoder(nn.Module):
         if self.compact:
             self.register_buffer("vocab_ids", torch.arange(n_out, dtype=torch.long))
             self.register_buffer("vocab_map", torch.zeros(vocab_size, dtype=torch.long))
+        if cfg.surface_heads:
+            self.add_surface_heads()
+
+    def add_surface_heads(self) -> None:
+        """The case / space-before tag heads of invemb.surface (new, N(0, 0.02)), e.g. on a model trained without."""
+        from invemb.surface import N_CASE, N_SPACE
+        d = self.cfg.d_model
+        self.case_head, self.space_head = nn.Linear(d, N_CASE), nn.Linear(d, N_SPACE)
+        for head in (self.case_head, self.space_head):
+            nn.init.normal_(head.weight, std=0.02), nn.init.zeros_(head.bias)
+        self.cfg.surface_heads = True
+
+    @property
+    def has_surface(self) -> bool:
+        return getattr(self, "case_head", None) is not None
+
+    def surface_logits(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final states [N,t,d] (position i has READ piece i) -> case logits [N,t,4], space logits [N,t,2]."""
+        return self.case_head(states), self.space_head(states)
+
+    def states(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: the final states [N,t,d] of decoder inputs [N,t] (tokenizer ids)."""
+        return self.step(input_ids, self.init_cache(sentence_embedding), full_vocab=None)[0]
+
+    def surface_tags(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor):
+        """[CLS] + generated pieces [N,t] -> argmax case / space tags [N,t] (what `invemb.surface.render` reads)."""
+        case, space = self.surface_logits(self.states(sentence_embedding, input_ids))
+        return case.argmax(-1), space.argmax(-1)
 
     def set_vocab(self, vocab_ids, unk_id: int) -> None:
         """Fill the compact-vocabulary buffers: vocab_ids [Vc] tokenizer ids (sorted, unique, incl. unk_id)."""
@@ -189,7 +217,11 @@ class TransformerDecoder(nn.Module):
         target pieces + `negatives` pieces drawn uniformly, not for the whole vocabulary (the output layer and its
         log-softmax are over half of a step's cost on CPU). targets [N,t] (output ids, -100 ignored) ->
         logits [N,t,C] over the C candidates and the targets' positions among them [N,t] (-100 kept)."""
-        states = self.step(input_ids, self.init_cache(sentence_embedding), full_vocab=None)[0]  # [N,t,d]
+        return self.sampled_from_states(self.states(sentence_embedding, input_ids), targets, negatives)
+
+    def sampled_from_states(self, states: torch.Tensor, targets: torch.Tensor, negatives: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sampled_logits from final states [N,t,d] already computed (shared with the surface heads)."""
         n_out = self.head.weight.shape[0]
         valid = targets >= 0
         draws = torch.randint(0, n_out, (negatives,), device=targets.device)

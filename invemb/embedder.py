@@ -6,6 +6,7 @@ supplies the pieces that touch its runtime:
     _encode_batch(texts) -> float32 [b,S]        one batch of clean texts through the encoder
     _stepper(vectors [N,S]) -> Stepper            the decoder as an invemb.generation.Stepper
     _onepass_ids(vectors, cfg) -> [[int]]         argmax ids of every position (one-pass decoders only)
+    _surface_tags(vectors, ids) -> (case, space)  tags of generated pieces (models with surface heads only)
     one_pass: bool, sentence_dim, eos_id, max_length (encoder tokens incl. specials), tokenizer
 and may set `search_workers` (default 1): searches split a batch's rows into that many slices decoded at once in
 threads (invemb.generation.split_search; same texts), for backends whose steps release the GIL (ONNX Runtime).
@@ -39,6 +40,7 @@ class EmbedderBase:
     max_length: int  # encoder tokens incl. [CLS]/[SEP]; a search generates at most max_length - 1 tokens
     tokenizer: object
     search_workers: int = 1  # row slices searched at once (threads); see set_search_workers
+    surface_table: dict | None = None  # piece -> written form (invemb.surface); None: no surface heads (normalised)
     _search_pool = None
 
     def set_search_workers(self, workers: int) -> None:
@@ -61,6 +63,25 @@ class EmbedderBase:
 
     def _onepass_ids(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
         raise NotImplementedError
+
+    def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Checked vectors [N,S] + generated ids (no specials) -> case / space tags [N,T] (row i: its ids' tags)."""
+        raise NotImplementedError
+
+    @property
+    def writes_surface(self) -> bool:
+        """Whether decode returns text as written (the model has surface heads); else normalised WordPiece text."""
+        return self.surface_table is not None
+
+    def texts(self, vectors, ids: list[list[int]], normalized: bool = False) -> list[str]:
+        """Generated ids of checked vectors [N,S] -> texts: as written (case and spacing from the surface heads:
+        one teacher-forced pass over the finished pieces) or, with normalized=True or a model without surface
+        heads, the normalised lower-cased WordPiece text (`detokenize`)."""
+        if normalized or self.surface_table is None or not ids:
+            return self.detokenize(ids)
+        from invemb.surface import render
+        case, space = self._surface_tags(vectors, ids)  # [N,T] each
+        return [render(self.tokenizer, row, case[i], space[i], self.surface_table) for i, row in enumerate(ids)]
 
     # ----------------------------------------------------------------------------------------------- text
     def detokenize(self, ids: Sequence[Sequence[int]]) -> list[str]:
@@ -148,13 +169,15 @@ class EmbedderBase:
         return out
 
     def decode(self, vectors, beam_size: int = 4, max_length: int | None = None, batch_size: int = 64,
-               progress: bool = False, rerank: bool = False, **kw) -> list[str]:
-        """Vectors [N,S] -> texts. beam_size=1 is greedy. rerank=True (beam_size > 1): re-rank the beam's n-best
-        by re-encoding (rerank_ids). kw: length_penalty, no_repeat_ngram_size."""
+               progress: bool = False, rerank: bool = False, normalized: bool = False, **kw) -> list[str]:
+        """Vectors [N,S] -> texts, as written (see `texts`; normalized=True: lower-cased WordPiece text).
+        beam_size=1 is greedy. rerank=True (beam_size > 1): re-rank the beam's n-best by re-encoding
+        (rerank_ids). kw: length_penalty, no_repeat_ngram_size."""
         from tqdm.auto import tqdm
         v = self.check_vectors(vectors)
         one = self.rerank_ids if rerank and beam_size > 1 else self.decode_ids
-        ids: list[list[int]] = []
+        out: list[str] = []
         for i in tqdm(range(0, len(v), batch_size), disable=not progress, desc="decode", unit="batch"):
-            ids.extend(one(v[i:i + batch_size], beam_size, max_length, **kw))
-        return self.detokenize(ids)
+            part = v[i:i + batch_size]
+            out.extend(self.texts(part, one(part, beam_size, max_length, **kw), normalized))
+        return out

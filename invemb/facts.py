@@ -24,7 +24,8 @@ _DIGIT_RUN = re.compile(r"\d+")
 _SIMPLE_NAME = re.compile(r"^[A-Z][a-z]+$")
 # a simple name with punctuation glued to it: "(Reuters)", "Melbourne,"
 _GLUED_NAME = re.compile(r"^([(\"'‘“]?)([A-Z][a-z]+)([)\"'’”,.:;!?]?)$")
-_WORD = re.compile(r"[A-Za-z][A-Za-z'’.&-]*[A-Za-z]|[A-Za-z]")
+# a word: letters (accented ones too: "Nestlé"), with ' ’ . & - inside ("McDonald's", "U.S", "Horta-Osório")
+_WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|['’.&-])*[^\W\d_]|[^\W\d_]")
 
 
 def find_numbers(text: str) -> list[str]:

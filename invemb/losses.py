@@ -146,9 +146,10 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, noise_sigma: float = 0.0, sim_loss_weight: float = 0.0,
                  sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0,
-                 word_dropout: float = 0.0):
+                 word_dropout: float = 0.0, surface_weight: float = 1.0):
         super().__init__()
         self.model = model
+        self.surface_weight = surface_weight
         self.word_dropout = word_dropout
         self.sampled_negatives = sampled_negatives
         self.noise_sigma, self.sim_loss_weight = noise_sigma, sim_loss_weight
@@ -163,17 +164,20 @@ class Objective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 para_ids: torch.Tensor | None = None, para_mask: torch.Tensor | None = None,
                 para_valid: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                hidden_states: torch.Tensor | None = None, **targets) -> dict[str, torch.Tensor]:
         # input_ids/attention_mask [B,T]; para_ids/para_mask [B,P,T'], para_valid [B,P] (optional);
-        # hidden_states [B,T,H]: the frozen backbone's cached states (the encoder then runs only its pooler)
+        # hidden_states [B,T,H]: the frozen backbone's cached states (the encoder then runs only its pooler);
+        # targets: the decoder's own sequence and tags (target_ids, target_mask, case_tags, space_tags [B,T'])
         vec = self.model.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         if self.training:
             vec = add_vector_noise(vec, self.noise_sigma)
         out = self.model(input_ids, attention_mask, sentence_embedding=vec,
                          sampled_negatives=self.sampled_negatives if self.training else 0,
-                         word_dropout=self.word_dropout)
+                         word_dropout=self.word_dropout, surface_weight=self.surface_weight, **targets)
         loss, zero = out["loss"], out["loss"].detach() * 0
-        out["ce"], out["sim"], out["para"] = out["loss"].detach(), zero, zero
+        surface = out.get("surface", zero).detach()
+        out["ce"], out["sim"], out["para"] = out["loss"].detach() - self.surface_weight * surface, zero, zero
+        out["surface"] = surface
         if self.sim_loss_weight > 0 and self.training:
             sim = self.sim_loss(out["logits"], out["labels"], input_ids, attention_mask)
             loss = loss + self.sim_loss_weight * sim

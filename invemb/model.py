@@ -108,28 +108,59 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 sentence_embedding: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None, sampled_negatives: int = 0,
-                word_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+                word_dropout: float = 0.0, target_ids: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None, case_tags: torch.Tensor | None = None,
+                space_tags: torch.Tensor | None = None, surface_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100), in the decoder's
         output ids (compact ids for a compact vocabulary). hidden_states [B,T,H]: cached backbone states.
+        target_ids/target_mask [B,T'] (invemb.surface.decoder_targets: spelled numbers / unknown pieces): the
+        decoder's sequence when it differs from the encoder's input_ids; case_tags/space_tags [B,T'] (-1: none)
+        train the surface heads (loss += surface_weight * (CE case + CE space); `surface` in the output).
         sampled_negatives > 0 (training mode only): a sampled softmax over the batch's targets + that many random
         pieces; `logits`/`labels` are then over those candidates (evaluation always uses the full softmax).
         word_dropout > 0 (training mode only): that share of decoder inputs after [CLS] becomes [MASK], so the next
-        piece must come from the vector more often than from the previous pieces (labels are unchanged)."""
+        piece must come from the vector more often than from the previous pieces (labels are unchanged; a dropped
+        piece has no tag target: its tag heads cannot see it)."""
         if sentence_embedding is None:
             sentence_embedding = self.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
-        dec_in = input_ids[:, :-1]  # [B,T-1]
+        seq, seq_mask = (input_ids, attention_mask) if target_ids is None else (target_ids.long(), target_mask)
+        dec_in = seq[:, :-1]  # [B,T-1]
+        drop = None
         if word_dropout > 0 and self.training:
             drop = torch.rand(dec_in.shape, device=dec_in.device) < word_dropout  # [B,T-1]
             drop[:, 0] = False  # [CLS] stays: it starts every search
             dec_in = dec_in.masked_fill(drop, self.tokenizer.mask_token_id)
-        labels = self.decoder.targets(input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE))  # [B,T-1]
-        if sampled_negatives and self.training and hasattr(self.decoder, "sampled_logits"):
+        labels = self.decoder.targets(seq[:, 1:].masked_fill(seq_mask[:, 1:] == 0, IGNORE))  # [B,T-1]
+        sampled = sampled_negatives and self.training and hasattr(self.decoder, "sampled_logits")
+        tags = case_tags is not None and getattr(self.decoder, "has_surface", False)
+        states = None
+        if tags:  # one decoder pass feeds the token logits and the tag heads
+            states = self.decoder.states(sentence_embedding, dec_in)  # [B,T-1,d]
+        if sampled:
             # logits over the batch's candidate pieces [B,T-1,C]; labels become positions among them
-            logits, labels = self.decoder.sampled_logits(sentence_embedding, dec_in, labels, sampled_negatives)
+            logits, labels = (self.decoder.sampled_from_states(states, labels, sampled_negatives) if tags else
+                              self.decoder.sampled_logits(sentence_embedding, dec_in, labels, sampled_negatives))
         else:
-            logits = self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
+            logits = self.decoder.head(states) if tags else self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-        return {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
+        out = {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
+        if tags:
+            out["surface"] = self._surface_loss(states, case_tags, space_tags, drop)
+            out["loss"] = loss + surface_weight * out["surface"]
+        return out
+
+    def _surface_loss(self, states, case_tags, space_tags, drop) -> torch.Tensor:
+        # states [B,T-1,d] at the decoder inputs; the tag of input position i is the tag of piece i ([CLS]: none)
+        case_logits, space_logits = self.decoder.surface_logits(states)  # [B,T-1,4], [B,T-1,2]
+        total = states.new_zeros(())
+        for logits, tags in ((case_logits, case_tags), (space_logits, space_tags)):
+            t = tags[:, :-1].long()  # [B,T-1]
+            t = t.masked_fill(t < 0, IGNORE)
+            if drop is not None:
+                t = t.masked_fill(drop, IGNORE)
+            if bool((t != IGNORE).any()):
+                total = total + F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=IGNORE)
+        return total
 
     # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -154,6 +185,34 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
     def _onepass_ids(self, vectors: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
         v = torch.as_tensor(vectors, device=self.device)  # [N,S]
         return self.decoder(v, length=cfg.max_length).argmax(-1).cpu().tolist()  # [N,T]
+
+    @torch.no_grad()
+    def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(1, max(len(r) for r in ids))
+        x = torch.full((len(ids), width + 1), self.pad_id, dtype=torch.long)  # [N,1+T]: [CLS] + pieces (+ pad)
+        x[:, 0] = self.bos_id
+        for i, row in enumerate(ids):
+            x[i, 1:1 + len(row)] = torch.as_tensor(row, dtype=torch.long)
+        # causal: the padding after a row's pieces never changes their tags
+        case, space = self.decoder.surface_tags(torch.as_tensor(vectors, device=self.device), x.to(self.device))
+        return case[:, 1:].cpu().numpy(), space[:, 1:].cpu().numpy()  # [N,T]
+
+    def decoder_targets(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cleaned texts -> the decoder's targets (invemb.surface.decoder_targets for this model's vocabulary)."""
+        from invemb.surface import decoder_targets
+        known = self.decoder.vocab_ids.tolist() if getattr(self.decoder, "compact", False) else None
+        return decoder_targets(self.tokenizer, texts, self.max_length, known, self.config.decoder.spell_numbers)
+
+    def training_batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts -> every input of `forward` for them: encoder ids/mask [B,T] and the decoder's own targets and
+        tags [B,T'] (invemb.surface) — what a small fine-tuning loop (or a test) feeds `model(**batch)`."""
+        from invemb.text import clean_texts
+        texts = clean_texts(texts)
+        batch = dict(self.tokenize(texts))
+        t = self.decoder_targets(texts)
+        batch.update(target_ids=torch.from_numpy(t["ids"]).long(), target_mask=torch.from_numpy(t["mask"]).long(),
+                     case_tags=torch.from_numpy(t["case"]).long(), space_tags=torch.from_numpy(t["space"]).long())
+        return batch
 
     # ----------------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, path: str | os.PathLike, backbone: bool = True, dtype: torch.dtype | None = None,
@@ -189,6 +248,9 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
                     tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
                 save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
+            if self.surface_table is not None:
+                from invemb.surface import save_table
+                save_table(tmp, self.surface_table)
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be shared
             for f in tmp.iterdir():
                 os.chmod(f, 0o644)
@@ -234,6 +296,9 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         if missing or unexpected:
             raise InvembError(f"{path} does not match its config.json: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
+        if getattr(model.decoder, "has_surface", False):
+            from invemb.surface import load_table
+            model.surface_table = load_table(path) or {}
         return model.to(device).eval()
 
 

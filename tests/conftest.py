@@ -43,6 +43,11 @@ def train_toy(texts: list[str], kind: str = "transformer", steps: int = 120, lr:
     cfg.decoder = dataclasses.replace(cfg.decoder, kind=kind, **decoder_overrides)
     model = InvertibleEmbedder(cfg)
     batch = model.tokenize(texts)
+    if cfg.decoder.surface_heads or cfg.decoder.spell_numbers:  # the decoder's own targets + tags
+        from invemb.surface import build_table
+        model.surface_table = build_table(model.tokenizer, texts, model.max_length) if cfg.decoder.surface_heads \
+            else None
+        batch = model.training_batch(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):

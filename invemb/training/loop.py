@@ -31,6 +31,7 @@ from invemb.training.schedule import Schedule
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
 MAX_PARAPHRASES = 5
+SURFACE_TABLE_TEXTS = 200_000  # training texts read for the written-form table (headlines first)
 
 
 def accuracy_fields(acc: TopKAccumulator) -> dict[str, float]:
@@ -47,6 +48,7 @@ class TrainWindow:
     ce: float = 0.0
     sim: float = 0.0
     para: float = 0.0
+    surface: float = 0.0
     tokens: int = 0  # decoder input tokens (labels + the [CLS] of each row)
     samples: int = 0
     acc: TopKAccumulator = field(default_factory=lambda: TopKAccumulator((1, 5)))
@@ -54,7 +56,7 @@ class TrainWindow:
     def sums(self) -> dict[str, float]:
         """The summable fields by name (what `EngineBase.all_sum` reduces over ranks)."""
         return {"micro_batches": self.micro_batches, "loss": self.loss, "ce": self.ce, "sim": self.sim,
-                "para": self.para, "tokens": self.tokens, "samples": self.samples, **accuracy_fields(self.acc)}
+                "para": self.para, "surface": self.surface, "tokens": self.tokens, "samples": self.samples, **accuracy_fields(self.acc)}
 
 
 def _seed(*parts: int) -> None:
@@ -101,6 +103,7 @@ class Trainer:
             model = InvertibleEmbedder(cfg.model)
             if self.vocab_ids is not None:
                 model.decoder.set_vocab(self.vocab_ids, model.tokenizer.unk_token_id)
+        self._add_surface(model)
         self.features = self._feature_cache(model) if cfg.feature_cache else None
         self.factory = lambda: self._fresh_model(model)  # noqa: E731
         self.params_total = sum(p.numel() for p in model.parameters())
@@ -110,6 +113,9 @@ class Trainer:
         self.train_lengths = self.train_mask.sum(1).tolist()
         enc = model.tokenize(self.val_texts)
         self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
+        self.train_tgt = self.val_tgt = None
+        if self._own_targets(model):  # the decoder's own sequences + surface tags (invemb.surface)
+            self.train_tgt, self.val_tgt = model.decoder_targets(self.train_texts), model.decoder_targets(self.val_texts)
         if self.features is not None:  # each row's row in the cache
             index = {t: i for i, t in enumerate(t for g in self.cache_groups for t in g)}
             self.train_cache_rows = [index[t] for t in self.train_texts]
@@ -117,7 +123,8 @@ class Trainer:
         self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
-        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout)
+        objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout,
+                              cfg.surface_weight)
         if self.ds_config is not None:
             self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
         else:
@@ -134,6 +141,25 @@ class Trainer:
             self.last_saved = self.step
         self.prior_wall, self.prior_cpu = self._prior_time()
         self.logger = RunLogger(self.out, self.main, self.step if self.resume else None)
+
+    def _add_surface(self, model) -> None:
+        """Surface heads the recipe asks for and the start weights lack (new heads), and the written-form table of
+        the training headlines (they come first in train_texts)."""
+        dec = self.cfg.model.decoder
+        if dec.surface_heads and not getattr(model.decoder, "has_surface", False):
+            model.decoder.add_surface_heads()
+        if getattr(model.decoder, "has_surface", False):
+            from invemb.surface import build_table
+            from invemb.surface import save_table
+            model.surface_table = build_table(model.tokenizer, self.train_texts[:SURFACE_TABLE_TEXTS], model.max_length)
+            if self.main:  # beside the checkpoints: the final model and scripts/ship_model.py read it from here
+                save_table(self.out, model.surface_table)
+
+    def _own_targets(self, model) -> bool:
+        """Whether the decoder trains on its own sequences (decoder_targets) instead of the encoder's ids: surface
+        tags, spelled numbers, or a compact vocabulary (pieces outside it are spelled, not trained as [UNK])."""
+        d = self.cfg.model.decoder
+        return d.kind == "transformer" and (d.surface_heads or d.spell_numbers or bool(d.output_vocab))
 
     def _prior_time(self) -> tuple[float, float]:
         """Training wall / CPU seconds spent before this process (from the resumed checkpoint), for the CPU-hour
@@ -184,11 +210,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ batches
     def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool,
-               cache_rows: list[int] | None = None) -> dict:
+               cache_rows: list[int] | None = None, tgt: dict | None = None) -> dict:
         rows_t = torch.tensor(rows, dtype=torch.long)
         m = mask[rows_t]
         length = int(m.sum(1).max())
         batch = {"input_ids": ids[rows_t, :length].to(self.device), "attention_mask": m[:, :length].to(self.device)}
+        if tgt is not None:  # the decoder's sequences and tags (numpy int32/int8 [N,T']) of these rows
+            tm = torch.from_numpy(tgt["mask"][rows]).long()  # [b,T']
+            t = int(tm.sum(1).max())
+            batch.update(target_ids=torch.from_numpy(tgt["ids"][rows, :t]).long().to(self.device),
+                         target_mask=tm[:, :t].to(self.device),
+                         case_tags=torch.from_numpy(tgt["case"][rows, :t]).long().to(self.device),
+                         space_tags=torch.from_numpy(tgt["space"][rows, :t]).long().to(self.device))
         if self.features is not None and cache_rows is not None:  # cached backbone states [b,length,H]
             batch["hidden_states"] = self.features.states([cache_rows[r] for r in rows], length).to(self.device)
         if paraphrases and self.para_index is not None:
@@ -238,7 +271,7 @@ class Trainer:
                 if cfg.lr_schedule == "cosine" and bi % cfg.grad_accum == 0:
                     eng.set_lr(sched.lr_at(self.step))
                 out = eng.train_micro_batch(**self._batch(self.train_ids, self.train_mask, rows, True,
-                                                          getattr(self, "train_cache_rows", None)))
+                                                          getattr(self, "train_cache_rows", None), self.train_tgt))
                 self._accumulate(window, out)
                 if (bi + 1) % cfg.grad_accum:
                     continue
@@ -281,6 +314,7 @@ class Trainer:
         w.ce += float(out["ce"].detach())
         w.sim += float(out["sim"].detach())
         w.para += float(out["para"].detach())
+        w.surface += float(out["surface"]) if "surface" in out else 0.0
         labels = out["labels"]  # [b,T-1]
         w.tokens += int((labels != IGNORE).sum()) + labels.shape[0]  # + the [CLS] input of each row
         w.samples += labels.shape[0]
@@ -293,7 +327,7 @@ class Trainer:
         n, dt = max(1.0, s["micro_batches"]), max(1e-9, time.time() - w.t0)
         scored = max(1.0, s["scored_tokens"])
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": s["loss"] / n, "ce": s["ce"] / n,
-               "sim": s["sim"] / n, "para": s["para"] / n, "lr": self.eng.lr,
+               "sim": s["sim"] / n, "para": s["para"] / n, "surface": s["surface"] / n, "lr": self.eng.lr,
                "top1": s["top1_hits"] / scored, "top5": s["top5_hits"] / scored,
                "tokens_per_s": s["tokens"] / dt, "samples_per_s": s["samples"] / dt,
                "elapsed_s": time.time() - self.t_start, **self._time_totals()}
@@ -307,20 +341,22 @@ class Trainer:
     def _validate(self, bar=None) -> dict:
         cfg, eng = self.cfg, self.eng
         self._train(False)
-        acc, loss_sum = TopKAccumulator((1, 5)), 0.0
+        acc, loss_sum, surface_sum = TopKAccumulator((1, 5)), 0.0, 0.0
         g = self.micro * self.world
         for start in range(0, len(self.val_texts), g):
             rows = list(range(start, min(start + g, len(self.val_texts))))
             local = rows[self.rank * self.micro:(self.rank + 1) * self.micro]
             out = eng.forward(**self._batch(self.val_ids, self.val_mask, local or rows[:1], False,
-                                            getattr(self, "val_cache_rows", None)))
+                                            getattr(self, "val_cache_rows", None), self.val_tgt))
             if local:  # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
                 acc.update(out["logits"].float(), out["labels"])
                 loss_sum += float(out["ce"]) * int((out["labels"] != IGNORE).sum())
-        s = eng.all_sum({"loss_sum": loss_sum, **accuracy_fields(acc)})
+                surface_sum += float(out.get("surface", 0.0)) * len(local)
+        s = eng.all_sum({"loss_sum": loss_sum, "surface_sum": surface_sum, **accuracy_fields(acc)})
         scored = max(1.0, s["scored_tokens"])
         rec = {"kind": "val", "step": self.step, "epoch": self.epoch, "val_loss": s["loss_sum"] / scored,
                "val_top1": s["top1_hits"] / scored, "val_top5": s["top5_hits"] / scored,
+               "val_surface": s["surface_sum"] / max(1, len(self.val_texts)),
                **self._time_totals()}
         if cfg.bertscore_subset > 0:
             rec.update(self._bertscore(cfg.bertscore_subset))
@@ -383,6 +419,9 @@ class Trainer:
         sd = self.eng.consolidated_state_dict(self.ckpt_dir, tag)
         if self.main:
             model = self.factory()
+            if getattr(model.decoder, "has_surface", False):
+                from invemb.surface import load_table
+                model.surface_table = load_table(self.out) or {}
             missing, _ = model.load_state_dict(sd, strict=False)
             if missing:
                 raise RuntimeError(f"consolidated checkpoint {tag} lacks {sorted(missing)[:5]}")

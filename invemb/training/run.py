@@ -133,8 +133,11 @@ def prepare_model_config(cfg: TrainConfig, train: list[str]):
         init = ModelConfig.from_dict(read_checkpoint_config(resolve_path(cfg.init_from))["invemb_model"])
         cfg.model.decoder.output_vocab = init.decoder.output_vocab if cfg.compact_vocab else 0
         a, b = cfg.model.to_dict(), init.to_dict()
-        diffs = [f"{part}.{k}: {b[part][k]!r} (init_from) vs {a[part][k]!r} (recipe)"
-                 for part in ("encoder", "decoder") for k in a[part] if a[part][k] != b[part].get(k)]
+        # the recipe may add what the start weights lack: surface heads (new, trained from zero) and spelled numbers
+        grow = {("decoder", "surface_heads"), ("decoder", "spell_numbers")}
+        diffs = [f"{part}.{k}: {b[part].get(k)!r} (init_from) vs {a[part][k]!r} (recipe)"
+                 for part in ("encoder", "decoder") for k in a[part] if a[part][k] != b[part].get(k)
+                 and not ((part, k) in grow and a[part][k] and not b[part].get(k))]
         if diffs:
             raise InvembError(f"init_from {cfg.init_from}: model config differs from the recipe: {'; '.join(diffs)}")
         return None  # the compact vocabulary comes with the weights
@@ -160,11 +163,22 @@ def augment(cfg: TrainConfig, train: list[str], data: list[str], log: bool) -> t
     # (and the same cache) whatever the number of rounds: adding a round only builds that round's cache.
     for r in range(cfg.splice_rounds if cfg.augment_splices else 0):
         groups.append(word_splices(train, cfg.augment_splices, cfg.seed + r, exclude=[t for g in groups for t in g]))
+    # number / name swaps (invemb.facts): copies whose facts differ from every real headline, so the decoder must
+    # read digits and names from the vector instead of guessing the frequent ones; fresh draws each round
+    if cfg.augment_numbers or cfg.augment_names:
+        from invemb.facts import fact_variants, name_pool
+        pool = name_pool(train)
+        for r in range(cfg.fact_rounds):
+            for kind, per in (("numbers", cfg.augment_numbers), ("names", cfg.augment_names)):
+                if per:
+                    groups.append(fact_variants(train, per, cfg.seed + 1000 + 2 * r + (kind == "names"), kind, pool,
+                                                exclude=[t for g in groups for t in g]))
     extra = [t for g in groups[1:] for t in g]
     if log and extra:
         rounds = f" x {cfg.splice_rounds} rounds" if cfg.augment_splices and cfg.splice_rounds > 1 else ""
         print(f"augmentation: {' + '.join(str(len(g)) for g in groups[1:])} texts from {len(train)} training "
-              f"headlines (crops {cfg.augment_crops}, splices {cfg.augment_splices} per headline{rounds})", flush=True)
+              f"headlines (crops {cfg.augment_crops}, splices {cfg.augment_splices} per headline{rounds}; number "
+              f"swaps {cfg.augment_numbers}, name swaps {cfg.augment_names} x {cfg.fact_rounds} rounds)", flush=True)
     return train + extra, groups
 
 

@@ -57,6 +57,9 @@ def load_run_checkpoint(run: Path, tag: str | None = None):
     if missing or unexpected:
         raise InvembError(f"{ckpt} does not match {run / 'config.json'}: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
+    if getattr(model.decoder, "has_surface", False):  # the written-form table the run made (invemb.surface)
+        from invemb.surface import load_table
+        model.surface_table = load_table(run) or {}
     loop_state = json.loads((ckpt / "invemb_state.json").read_text())
     return model.eval(), raw, loop_state, tag
 

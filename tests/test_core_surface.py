@@ -1,0 +1,70 @@
+"""The written form: surface tags learned beside the pieces, spelled numbers, and every torch decode path."""
+import numpy as np
+import pytest
+
+from conftest import train_toy
+from invemb.surface import FIRST, LOWER, TABLE, UPPER, build_table, decoder_targets, render
+
+WRITTEN = ["U.S.-China trade deal lifts Nestlé shares 5.5%", "McDonald's to cut 1,200 jobs in the UK",
+           "Ben & Jerry's owner Unilever sees $3.2 billion hit", "iPhone sales beat forecasts – Apple",
+           "Oil falls 587 points as OPEC meets in Vienna", "Oil falls 593 points as OPEC meets in Vienna",
+           "‘Brexit’ fears weigh on sterling, says BoE", "Tesla’s Musk sells $1.1bn of stock"]
+
+
+@pytest.fixture(scope="module")
+def surface_toy():
+    return train_toy(WRITTEN, steps=200, surface_heads=True, spell_numbers=True)
+
+
+def test_targets_spell_numbers_and_tag_case(surface_toy):
+    tok = surface_toy.tokenizer
+    t = decoder_targets(tok, ["Oil falls 587 points at NYSE"], 40, spell_numbers=True)
+    n = int(t["mask"][0].sum())
+    pieces = tok.convert_ids_to_tokens(t["ids"][0, :n].tolist())
+    assert pieces == ["[CLS]", "oil", "falls", "5", "##8", "##7", "points", "at", "ny", "##se", "[SEP]"]
+    assert t["case"][0, 1:n - 1].tolist() == [FIRST, LOWER, LOWER, LOWER, LOWER, LOWER, LOWER, UPPER, UPPER]
+    assert t["space"][0, 1:n - 1].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0]
+    plain = decoder_targets(tok, ["Oil falls 587 points"], 40)
+    assert "587" in tok.convert_ids_to_tokens(plain["ids"][0].tolist())  # without spell_numbers: one piece
+
+
+def test_table_cases_come_back(surface_toy):
+    tok = surface_toy.tokenizer
+    table = build_table(tok, WRITTEN, 40)
+    assert table["iphone"] == "iPhone" and table["nestle"] == "Nestlé"
+    t = decoder_targets(tok, WRITTEN, 40, spell_numbers=True)
+    assert (t["case"] == TABLE).sum() >= 2
+    for i, text in enumerate(WRITTEN):
+        assert render(tok, t["ids"][i], t["case"][i], t["space"][i], table) == text
+
+
+def test_toy_decodes_the_written_form(surface_toy, tmp_path):
+    vecs = surface_toy.encode(WRITTEN)
+    written = surface_toy.decode(vecs, beam_size=2)
+    assert sum(w == t for w, t in zip(written, WRITTEN)) >= 7, written
+    assert written[4] != written[5]  # two headlines that differ in one number each come back with their own
+    normalised = surface_toy.decode(vecs, beam_size=2, normalized=True)
+    assert normalised[1] == "mcdonald's to cut 1,200 jobs in the uk" or sum(
+        n == r for n, r in zip(normalised, surface_toy.reference_texts(WRITTEN))) >= 7
+    assert all(n == n.lower() for n in normalised)
+    assert surface_toy.decode(vecs[:2], beam_size=2, rerank=True)[0] in (written[0], WRITTEN[0])
+    # save / load keeps the heads and the table: same texts
+    from invemb.model import InvertibleEmbedder
+    again = InvertibleEmbedder.from_pretrained(surface_toy.save_pretrained(tmp_path / "m"))
+    assert again.surface_table == surface_toy.surface_table
+    assert again.decode(vecs, beam_size=2) == written
+
+
+def test_tags_do_not_depend_on_padding(surface_toy):
+    vecs = surface_toy.encode(WRITTEN[:3])
+    ids = surface_toy.decode_ids(vecs, beam_size=1)
+    case, space = surface_toy._surface_tags(vecs, ids)
+    alone_case, alone_space = surface_toy._surface_tags(vecs[1:2], ids[1:2])
+    n = len(ids[1])
+    assert np.array_equal(case[1, :n], alone_case[0, :n]) and np.array_equal(space[1, :n], alone_space[0, :n])
+
+
+def test_model_without_heads_keeps_the_normalised_form(toy_model, headlines32):
+    vecs = toy_model.encode(headlines32[:4])
+    assert not toy_model.writes_surface
+    assert toy_model.decode(vecs, beam_size=1) == toy_model.decode(vecs, beam_size=1, normalized=True)
