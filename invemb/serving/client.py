@@ -266,8 +266,9 @@ class TritonClient:
         in the input order. label(indices): the caller's words for rows of `texts` in errors (e.g. file lines)."""
         if not len(texts):
             raise ClientError("no texts to encode")
-        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts]
-        self.check_texts(texts, "tokenizer", label)
+        # bytes are sent as they are (invalid UTF-8 is the server's error, naming the row)
+        self.check_texts([t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts], "tokenizer",
+                         label)
         rows = length_sorted_batches(texts, min(batch_size, self.limits()["encode_batch"]))
         out = self.infer_many("encode", [{"text": text_tensor([texts[r] for r in b])} for b in rows],
                               ["sentence_embedding"], max_in_flight, progress, "encode", rows=rows, label=label)
