@@ -10,8 +10,13 @@ from conftest import REPO
 
 SHIPPED = REPO / "models" / "invemb-minilm-s768"
 N = 48  # the first N headlines of the seed-0 validation split
-# measured on these 48 (beam 4) for the shipped model, minus a margin; raise them when a better model ships
-THRESHOLDS = {"exact_match": 0.33, "bleu": 70.0}  # measured 2026-12-04 (92,096 steps): 0.396 exact (19/48), BLEU 76.4
+# Measured on these 48 (beam 4) with the shipped model (102,200 steps), 2026-12-06, on the 2-core AMD EPYC, by this
+# test's own computation: 19/48 exact, BLEU 76.6 against the normalised reference (what the model can reach);
+# 15/48, BLEU 74.0 against the headline as written, whitespace collapsed and lower-cased (what a user compares with:
+# "u.s." comes back as "u. s.", "doesn't" as "doesn ’ t"). Thresholds: one headline and ~1.5 BLEU below (another
+# CPU's float order may flip a token); raise them when a better model ships, re-measure when the decoded text
+# changes form (e.g. written case).
+THRESHOLDS = {"reference": (18, 75.0), "written": (14, 72.5)}  # (exact of N, BLEU)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +40,23 @@ def test_shipped_files_are_small_float16_without_backbone():
 
 
 def test_shipped_model_reconstructs_validation_headlines(shipped, data_dir):
+    """Against the normalised reference (the model's reach) and against the headline as the user wrote it (what
+    decode returns must read as the headline: a broken detokenizer fails here even though it also breaks the
+    reference, which is made by the same detokenizer)."""
     from invemb.data import load_split
-    from invemb.metrics import bleu, exact_match
+    from invemb.metrics import bleu
     texts = [r.text for r in load_split(data_dir).val[:N]]
-    hyps = shipped.decode(shipped.encode(texts), beam_size=4)
-    refs = shipped.reference_texts(texts)
-    em, b = exact_match(hyps, refs), bleu(hyps, refs)
-    assert em >= THRESHOLDS["exact_match"] and b >= THRESHOLDS["bleu"], (em, b, list(zip(refs, hyps))[:5])
+    vectors = shipped.encode(texts)
+    hyps = shipped.decode(vectors, beam_size=4)  # what a user reads
+    # a model without written-form output decodes lower-cased WordPiece text: compare with the lower-cased headline
+    cased = getattr(shipped, "writes_surface", False)
+    written = [" ".join(t.split()) if cased else " ".join(t.split()).lower() for t in texts]
+    normalised = shipped.decode(vectors, beam_size=4, normalized=True) if cased else hyps
+    for name, got, want in (("reference", normalised, shipped.reference_texts(texts)), ("written", hyps, written)):
+        exact, score = sum(h == r for h, r in zip(got, want)), bleu(got, want)
+        min_exact, min_bleu = THRESHOLDS[name]
+        assert exact >= min_exact and score >= min_bleu, (name, exact, score,
+                                                          [(r, h) for r, h in zip(want, got) if r != h][:5])
 
 
 def test_cli_roundtrip_defaults_to_the_shipped_model():
