@@ -173,7 +173,8 @@ def run(a) -> dict:
                         stats["bad_invalid_arg"] += 1
 
     groups: set[int] = set()  # process groups of every server generation seen
-    with TritonServer(repo, log_file=work / "server.log") as server:
+    # a long startup limit (also for each restart): beside a training run the helpers get a few % of the cores
+    with TritonServer(repo, log_file=work / "server.log", startup_timeout=a.startup_timeout) as server:
         threads = [threading.Thread(target=good, args=(k, server.grpc_url)) for k in range(a.concurrency)]
         threads.append(threading.Thread(target=adversary, args=(server.grpc_url,)))
         t_start = time.monotonic()
@@ -254,7 +255,7 @@ def bulk(a) -> dict:
     out, parts = work / "bulk.npy", work / "bulk.npy.parts"
     job = [sys.executable, str(REPO / "serving" / "client.py"), "--no-progress", "--retry-budget", "10"]
     r = {"rows": len(texts), "in_process_s": round(in_process_s, 1), "variant": variant or "fp32"}
-    with TritonServer(repo, log_file=work / "server1.log", supervise=False) as first:
+    with TritonServer(repo, log_file=work / "server1.log", supervise=False, startup_timeout=a.startup_timeout) as first:
         t0 = time.monotonic()
         run = subprocess.Popen([*job, "--url", first.grpc_url, "encode", str(work / "bulk.txt"), "--out", str(out)],
                                stderr=subprocess.PIPE, text=True)
@@ -266,7 +267,7 @@ def bulk(a) -> dict:
         _, err = run.communicate()
         r.update(first_rc=run.returncode, first_error=err.strip().splitlines()[-1:],
                  chunks_written=len(list(parts.glob("chunk-*"))), chunks=chunks)
-    with TritonServer(repo, log_file=work / "server2.log") as second:
+    with TritonServer(repo, log_file=work / "server2.log", startup_timeout=a.startup_timeout) as second:
         t0 = time.monotonic()
         done = subprocess.run([*job, "--url", second.grpc_url, "encode", str(work / "bulk.txt"), "--out", str(out),
                                "--resume"], capture_output=True, text=True)
@@ -321,6 +322,7 @@ def main(argv=None) -> int:
                                                         "through a server killed mid-job, then resumed")
     ap.add_argument("--work", default=None, help="export + repository folder (default: a temp dir)")
     ap.add_argument("--reuse-export", action="store_true", help="serve the export an earlier run left in --work")
+    ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a (re)start may take")
     ap.add_argument("--out", default=str(REPO / "results/load_serving"))
     a = ap.parse_args(argv)
     if a.minutes <= 0 or a.concurrency < 1 or a.texts < 36 or a.bulk < 0:
