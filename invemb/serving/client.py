@@ -225,8 +225,13 @@ class TritonClient:
     def config(self, model: str) -> dict:
         """The model's config as the server reports it (cached)."""
         if model not in self._configs:
-            self._configs[model] = self._call(model, lambda: self.client.get_model_config(model, as_json=True))[
-                "config"]
+            try:
+                self._configs[model] = self._call(model, lambda: self.client.get_model_config(model, as_json=True))[
+                    "config"]
+            except ClientError as e:
+                if "retry budget" in str(e):  # the server is down: say so
+                    raise
+                self._configs[model] = {}  # no such model on this server: no limits from it (its requests fail)
         return self._configs[model]
 
     def max_batch(self, model: str) -> int:
