@@ -30,7 +30,9 @@ from invemb.limits import MAX_BATCH_SIZE, MAX_TEXT_CHARS, MAX_VECTOR_ABS
 from invemb.serving.checks import problems_message, relabel, text_problems, vector_problems
 from invemb.text import length_sorted_batches
 
-RETRY_BUDGET_S = 120.0  # default seconds a request keeps retrying transient answers (a restart: serving/README.md)
+# default seconds a request keeps retrying transient answers: spans a restart of the whole repository with room
+# (seconds on an idle 2-core box, minutes beside a training run that has the cores: results/load_serving.md)
+RETRY_BUDGET_S = 300.0
 # (status, message part) of transient answers: the server is down or restarting (UNAVAILABLE: connection refused /
 # reset, stream removed), a model process crashed or stalled and the supervisor has not restarted the server yet
 # (INTERNAL "Stub process ... is not healthy"), a model not loaded yet (NOT_FOUND "... has no available versions")
