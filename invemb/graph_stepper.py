@@ -99,9 +99,10 @@ def surface_tags(run: Runner, manifest: dict, vectors: np.ndarray, ids: list[lis
 
 class GraphEmbedder(EmbedderBase):
     """The shared encode/decode surface (invemb.embedder.EmbedderBase: n-best decoding, round-trip re-ranking,
-    detokenization, text as written with a surface table) over exported graphs run by any runner, e.g. inside the Triton `beam_search` model (its own
-    ORT sessions, or BLS calls to the `encoder` / decoder models). `run` must also run the `encoder` graph
-    (input_ids/attention_mask [b,T] int64 -> sentence_embedding [b,S]) for encode/re-ranking."""
+    detokenization, text as written with a surface table) over exported graphs run by any runner, e.g. inside the
+    Triton `beam_search` model (its own ORT sessions, or BLS calls to the `encoder` / decoder models). `run` must
+    also run the `encoder` graph (input_ids/attention_mask [b,T] int64 -> sentence_embedding [b,S]) for
+    encode/re-ranking, and decoder_surface for text as written."""
 
     def __init__(self, run: Runner, manifest: dict, tokenizer, candidates: bool = True,
                  surface_table: dict | None = None):
