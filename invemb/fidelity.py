@@ -131,7 +131,7 @@ def ort_int8_study(export_dir, texts: list[str], refs: list[str], beam_size: int
     out, hyps = {}, {}
     for variant, emb in embs.items():
         t0 = time.time()
-        hyps[variant] = emb.decode(emb.encode(texts), beam_size=beam_size)
+        hyps[variant] = emb.decode(emb.encode(texts), beam_size=beam_size, normalized=True)  # refs: normalised
         out[variant] = {"seconds": round(time.time() - t0, 1), "exact_match": exact_match(hyps[variant], refs),
                         "bleu": bleu(hyps[variant], refs)}
     out["same_text_rate"] = float(np.mean([a == b for a, b in zip(hyps["fp32"], hyps["int8"])]))
