@@ -121,3 +121,17 @@ def test_allow_data_change_resumes_on_the_new_data_with_a_warning(data, tmp_path
     printed = capsys.readouterr().out
     assert "warning: resuming" in printed and "augment_crops: 0 -> 1" in printed
     assert _state(out, "step_00000004")["data"]["recipe"]["augment_crops"] == 1  # the new data from now on
+
+
+def test_augmentation_keys_are_data_keys():
+    """The data keys come from TrainConfig's fields (all but the listed non-data ones): every augmentation, split
+    and hold-out key, including ones added after the list was written, is compared on --resume."""
+    import dataclasses
+
+    from invemb.config import TrainConfig
+    from invemb.training.resume import NOT_DATA_KEYS, data_keys
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    keys = set(data_keys())
+    assert {n for n in names if n.startswith(("augment_", "splice_", "crop_", "fact_", "holdout_"))} <= keys
+    assert {"seed", "val_fraction", "train_limit", "bucket_batches", "paraphrase_file"} <= keys
+    assert keys | (NOT_DATA_KEYS & set(names)) == set(names) and not keys & NOT_DATA_KEYS
