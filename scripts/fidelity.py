@@ -304,6 +304,8 @@ def _facts_section(res: dict, val_name: str, new_name: str) -> list[str]:
     """Facts of the written form (issue 29), the perturbed-facts set, the outside-vocabulary split (issue 33) and
     the one-change distance table."""
     val, new = res["val"], res["newest"]
+    if not any("number_recall" in val.get(m, {}) for m in ("greedy", "beam4")):
+        return []  # a JSON from before the fact metrics (--render of an old result)
     lines = ["", "## Facts (numbers and names of the original, found in the decoded text)", "",
              "number_recall: every number of the original with its separators, currency and unit (`$3.2 billion`, "
              "`5.5%`, `443,956`, `£3bn`; WordPiece spacing inside a number joined, case ignored) found in the decoded "
