@@ -29,6 +29,7 @@ from invemb.serving.supervise import RestartPolicy, Supervisor
 from invemb.util import free_port
 
 HARMLESS = ("CUDA driver", "CudaDriverHelper", "unable to create stream")  # expected log errors without a GPU
+STUB_TIMEOUT_S = 300  # python backend stub-timeout-seconds (see command())
 
 
 class TritonServer:
@@ -90,6 +91,9 @@ class TritonServer:
                 f"--metrics-port={self.metrics_port}", "--allow-gpu-metrics=false", "--exit-on-error=true",
                 "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
                 "--model-control-mode=none",  # every model loaded at start; the load/unload API answers an error
+                # how long the server waits on a stub (start, messages) before giving up on it (default 30 s): on a
+                # starved box a stub's imports take longer and the server aborted (lock_exception) while loading
+                *(f"--backend-config={b},stub-timeout-seconds={STUB_TIMEOUT_S}" for b in ("python", "onnxruntime")),
                 *self.extra_args]
 
     # ------------------------------------------------------------------------------------------ generations
@@ -118,16 +122,37 @@ class TritonServer:
                                         stderr=subprocess.DEVNULL)
 
     def start(self) -> "TritonServer":
+        """Start and wait until ready. A generation that dies of a signal while starting (tritonserver 2.51 aborts
+        with boost::interprocess::lock_exception while loading the python models on a starved box: measured beside
+        a training run) is started again under the restart policy; an exit with a code (a bad repository) is
+        final: ServerError with the log's errors."""
         self._server_dir = build_server_dir(self.server_dir_arg)
-        shm_before = procs.shm_regions()
-        with self._lock:
-            self._spawn()
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.stop()
-                raise
-            self._after_ready(shm_before)
+        while True:
+            shm_before, t0 = procs.shm_regions(), time.monotonic()
+            with self._lock:
+                self._spawn()
+                try:
+                    self.wait_ready()
+                    self._after_ready(shm_before)
+                    break
+                except ServerError as e:
+                    code = self.proc.poll()
+                    if not (self.supervise and code is not None and code < 0 and not self._stopping
+                            and len(self.restarts) < self.policy.max_restarts):
+                        self.stop()
+                        raise
+                    reason = f"tritonserver killed by signal {-code} while starting"
+                    self.log_note(f"restart {len(self.restarts) + 1}: {reason}; starting again")
+                    self.reap_current()
+                    self.restarts.append({"reason": reason, "ok": None, "detail": str(e).splitlines()[0][:300],
+                                          "down_s": round(time.monotonic() - t0, 2), "time": time.time(),
+                                          "monotonic": t0, "generation": self.generation})
+                except BaseException:
+                    self.stop()
+                    raise
+            time.sleep(self.policy.delay(len(self.restarts) - 1))
+        for r in self.restarts:  # the starts that crashed led to this ready generation
+            r["ok"] = True if r["ok"] is None else r["ok"]
         if self.supervise and sys.platform.startswith("linux"):
             # The restarted generations are started by this thread: their parent-death signal follows it, and it
             # lives until stop() (which reaps the generation first).
