@@ -277,6 +277,8 @@ class TritonServer:
                 raise self._failure(f"tritonserver exited with code {self.proc.returncode} while starting")
             if self.is_ready():
                 return
+            # the stubs' regions, noted while they live: a generation that aborts while starting leaves them
+            self.note_regions(s.region for s in procs.stubs(self.proc.pid, Path("/")) if s.region)
             time.sleep(0.25)
         raise self._failure("stopped while starting" if self._stopping else
                             f"tritonserver not ready after {self.startup_timeout:.0f} s")
