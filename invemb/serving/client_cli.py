@@ -111,10 +111,12 @@ def parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="texts file (.txt one per line, or .csv) -> .npy [N,S]")
     enc.add_argument("texts")
     enc.add_argument("--out", required=True)
+    subs = [enc]
     for name, helptext in (("decode", ".npy [N,S] -> texts"), ("roundtrip", "texts -> reconstructed texts")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("input")
         p.add_argument("--out", default=None, help="output file (default: stdout)")
+        subs.append(p)
         p.add_argument("--mode", choices=("server", "client"), default="server",
                        help="beam search in the server (beam_search model) or here over decoder_init/step")
         p.add_argument("--export", default=None, help="export folder (manifest.json + tokenizer/), for --mode client")
@@ -126,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "decode":
             p.add_argument("--rerank", action="store_true",
                            help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
+    for p in subs:  # also after the command (SUPPRESS: not given there, the value before it stays)
+        p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                       help="continue an interrupted job from its written chunks")
     return ap
 
 
