@@ -68,3 +68,18 @@ def test_model_without_heads_keeps_the_normalised_form(toy_model, headlines32):
     vecs = toy_model.encode(headlines32[:4])
     assert not toy_model.writes_surface
     assert toy_model.decode(vecs, beam_size=1) == toy_model.decode(vecs, beam_size=1, normalized=True)
+
+
+def test_pieces_outside_the_compact_vocabulary_are_spelled_not_unk(surface_toy):
+    # issue 33 item 1: a piece the decoder cannot predict was trained as [UNK]; now its characters are the targets
+    tok = surface_toy.tokenizer
+    text = "Teladoc shares jump"
+    whole = decoder_targets(tok, [text], 40)
+    pieces = tok.convert_ids_to_tokens(whole["ids"][0, 1:int(whole["mask"][0].sum()) - 1].tolist())
+    known = set(tok.convert_tokens_to_ids(["[CLS]", "[SEP]", "[UNK]", "shares", "jump"]))
+    known |= {i for p, i in tok.get_vocab().items() if len(p) == 1 or (p.startswith("##") and len(p) == 3)}
+    t = decoder_targets(tok, [text], 40, known=known)
+    ids = t["ids"][0, :int(t["mask"][0].sum())].tolist()
+    assert tok.unk_token_id not in ids and all(i in known for i in ids)
+    assert len(ids) > len(pieces) + 2  # "teladoc" is spelled one character a piece
+    assert render(tok, t["ids"][0], t["case"][0], t["space"][0], {}) == text
