@@ -63,4 +63,4 @@ def test_cli_roundtrip_defaults_to_the_shipped_model():
     r = subprocess.run([sys.executable, "-m", "invemb.cli", "roundtrip", "Oil prices fall as OPEC output rises"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Oil prices fall as OPEC output rises" in r.stdout and "decoded (beam 4)" in r.stdout
+    assert "Oil prices fall as OPEC output rises" in r.stdout and "decoded (beam 4, normalised)" in r.stdout  # the default model has no surface heads
