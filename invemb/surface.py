@@ -65,9 +65,9 @@ def _spell(piece: str, cont: bool, written: str, vocab: dict, known) -> list[tup
     return out
 
 
-def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, max_length: int):
-    """One tokenized text -> lists (ids, case, space) incl. [CLS]/[SEP], spelled where needed, cut at max_length."""
-    special = set(tokenizer.all_special_ids)
+def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, max_length: int, special: set):
+    """One tokenized text -> lists (ids, case, space) incl. [CLS]/[SEP], spelled where needed, cut at max_length.
+    `special`: the tokenizer's special ids (computed once per call of decoder_targets, not per text)."""
     ids, case, space = [tokenizer.cls_token_id], [NO_TAG], [NO_TAG]
     prev_end = None
     for tid, tok, (start, end) in zip(enc.ids, enc.tokens, enc.offsets):
@@ -99,12 +99,14 @@ def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None
     (its compact vocabulary; None: all); pieces outside it, and numbers with `spell_numbers`, are spelled."""
     vocab = tokenizer.get_vocab()
     known = None if known is None else set(int(i) for i in known)
+    special = set(tokenizer.all_special_ids)
     rows = []
     for s in range(0, len(texts), CHUNK):
         chunk = list(texts[s:s + CHUNK])
         encs = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=False,
                          return_offsets_mapping=True).encodings
-        rows.extend(_encode_one(e, t, tokenizer, vocab, known, spell_numbers, max_length) for e, t in zip(encs, chunk))
+        rows.extend(_encode_one(e, t, tokenizer, vocab, known, spell_numbers, max_length, special)
+                    for e, t in zip(encs, chunk))
     width = max((len(r[0]) for r in rows), default=2)
     out = {"ids": np.zeros((len(rows), width), np.int32), "mask": np.zeros((len(rows), width), np.int8),
            "case": np.full((len(rows), width), NO_TAG, np.int8), "space": np.full((len(rows), width), NO_TAG, np.int8)}
