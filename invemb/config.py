@@ -140,6 +140,7 @@ class TrainConfig:
     augment_numbers: int = 0  # copies of each training headline holding a number, digits randomised (invemb.facts)
     augment_names: int = 0  # copies of each training headline holding a name, names swapped with other headlines'
     fact_rounds: int = 1  # independent draws of the number / name copies (round r: seed + 1000 + r)
+    spell_practice: float = 0.0  # chance a piece of a capitalised training word is spelled in the targets (surface)
     surface_weight: float = 1.0  # weight of the case + space tag losses (decoder.surface_heads)
     cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
     gpu_bf16: bool = True  # plain engine on a GPU with bf16: bf16 autocast (false: fp32, e.g. to match CPU numerics)

@@ -197,11 +197,13 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         case, space = self.decoder.surface_tags(torch.as_tensor(vectors, device=self.device), x.to(self.device))
         return case[:, 1:].cpu().numpy(), space[:, 1:].cpu().numpy()  # [N,T]
 
-    def decoder_targets(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cleaned texts -> the decoder's targets (invemb.surface.decoder_targets for this model's vocabulary)."""
+    def decoder_targets(self, texts: Sequence[str], practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
+        """Cleaned texts -> the decoder's targets (invemb.surface.decoder_targets for this model's vocabulary;
+        `practice`, `seed`: spelling practice on training texts, see there)."""
         from invemb.surface import decoder_targets
         known = self.decoder.vocab_ids.tolist() if getattr(self.decoder, "compact", False) else None
-        return decoder_targets(self.tokenizer, texts, self.max_length, known, self.config.decoder.spell_numbers)
+        return decoder_targets(self.tokenizer, texts, self.max_length, known, self.config.decoder.spell_numbers,
+                               practice, seed)
 
     def training_batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> every input of `forward` for them: encoder ids/mask [B,T] and the decoder's own targets and

@@ -19,6 +19,7 @@ teacher-forced pass and never changes which pieces the search picks. Numpy + a f
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -65,11 +66,15 @@ def _spell(piece: str, cont: bool, written: str, vocab: dict, known) -> list[tup
     return out
 
 
-def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, max_length: int, special: set):
+def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, max_length: int, special: set,
+                practice: float = 0.0, rng: random.Random | None = None):
     """One tokenized text -> lists (ids, case, space) incl. [CLS]/[SEP], spelled where needed, cut at max_length.
-    `special`: the tokenizer's special ids (computed once per call of decoder_targets, not per text)."""
+    `special`: the tokenizer's special ids (computed once per call of decoder_targets, not per text).
+    `practice`: the chance (drawn from `rng`) that a piece of a capitalised word is spelled although the decoder
+    could predict it whole: training texts only, so the decoder practises the spelling it needs for pieces outside
+    its vocabulary (mostly rare names), which the training split alone never asks of it."""
     ids, case, space = [tokenizer.cls_token_id], [NO_TAG], [NO_TAG]
-    prev_end = None
+    prev_end, capital = None, False
     for tid, tok, (start, end) in zip(enc.ids, enc.tokens, enc.offsets):
         if tid in special and tid != tokenizer.unk_token_id:
             continue
@@ -78,9 +83,11 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
         written = text[start:end]
         gap = int(prev_end is not None and start > prev_end and not cont)
         prev_end = end
+        capital = written[:1].isupper() if not cont else capital
         spelled = None
         if len(piece) > 1 and ((known is not None and tid not in known) or
-                               (spell_numbers and any(c.isdigit() for c in piece))):
+                               (spell_numbers and any(c.isdigit() for c in piece)) or
+                               (practice > 0 and capital and piece.isalpha() and rng.random() < practice)):
             spelled = _spell(piece, cont, written, vocab, known)
         if spelled is None:
             ids.append(tid), case.append(_case_of(written, piece) if tid != tokenizer.unk_token_id else LOWER)
@@ -93,10 +100,13 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
 
 
 def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None,
-                    spell_numbers: bool = False) -> dict[str, np.ndarray]:
+                    spell_numbers: bool = False, practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
     """Cleaned texts -> the decoder's targets, padded: ids int32 [B,T] ([CLS] pieces [SEP], pad 0), mask int8 [B,T],
     case / space int8 [B,T] (NO_TAG at specials and padding). `known`: the tokenizer ids the decoder can predict
-    (its compact vocabulary; None: all); pieces outside it, and numbers with `spell_numbers`, are spelled."""
+    (its compact vocabulary; None: all); pieces outside it, and numbers with `spell_numbers`, are spelled.
+    `practice` > 0 (training texts): pieces of capitalised words are also spelled by chance, drawn from `seed`
+    (the same texts and seed give the same targets; a text repeated in the list gets its own draw)."""
+    rng = random.Random(seed) if practice > 0 else None
     vocab = tokenizer.get_vocab()
     known = None if known is None else set(int(i) for i in known)
     special = set(tokenizer.all_special_ids)
@@ -105,7 +115,7 @@ def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None
         chunk = list(texts[s:s + CHUNK])
         encs = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=False,
                          return_offsets_mapping=True).encodings
-        rows.extend(_encode_one(e, t, tokenizer, vocab, known, spell_numbers, max_length, special)
+        rows.extend(_encode_one(e, t, tokenizer, vocab, known, spell_numbers, max_length, special, practice, rng)
                     for e, t in zip(encs, chunk))
     width = max((len(r[0]) for r in rows), default=2)
     out = {"ids": np.zeros((len(rows), width), np.int32), "mask": np.zeros((len(rows), width), np.int8),

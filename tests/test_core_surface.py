@@ -83,3 +83,23 @@ def test_pieces_outside_the_compact_vocabulary_are_spelled_not_unk(surface_toy):
     assert tok.unk_token_id not in ids and all(i in known for i in ids)
     assert len(ids) > len(pieces) + 2  # "teladoc" is spelled one character a piece
     assert render(tok, t["ids"][0], t["case"][0], t["space"][0], {}) == text
+
+
+def test_spelling_practice_spells_capitalised_pieces_by_seeded_chance(surface_toy):
+    # issue 33 item 1: the decoder practises spelling on training texts (pieces it could predict whole), since
+    # only spelled targets teach it what a piece outside its vocabulary needs
+    tok = surface_toy.tokenizer
+    texts = ["Apple and Microsoft shares jump in New York"] * 40
+    plain = decoder_targets(tok, texts, 40)
+    full = decoder_targets(tok, texts, 40, practice=1.0)
+    n_plain, n_full = int(plain["mask"][0].sum()), int(full["mask"][0].sum())
+    singles = tok.convert_ids_to_tokens(full["ids"][0, 1:n_full - 1].tolist())
+    assert "shares" in singles and "jump" in singles  # lower-case words stay whole
+    assert "apple" not in singles and n_full > n_plain + 10
+    some = decoder_targets(tok, texts, 40, practice=0.3, seed=7)
+    lengths = some["mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # each copy of a text gets its own draw
+    assert np.array_equal(some["ids"], decoder_targets(tok, texts, 40, practice=0.3, seed=7)["ids"])  # seeded
+    for t in (plain, full, some):
+        for i in (0, 5):
+            assert render(tok, t["ids"][i], t["case"][i], t["space"][i], {}) == texts[0]

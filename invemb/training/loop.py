@@ -115,7 +115,8 @@ class Trainer:
         self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
         self.train_tgt = self.val_tgt = None
         if self._own_targets(model):  # the decoder's own sequences + surface tags (invemb.surface)
-            self.train_tgt, self.val_tgt = model.decoder_targets(self.train_texts), model.decoder_targets(self.val_texts)
+            self.train_tgt = model.decoder_targets(self.train_texts, cfg.spell_practice, cfg.seed + 2000)
+            self.val_tgt = model.decoder_targets(self.val_texts)
         if self.features is not None:  # each row's row in the cache
             index = {t: i for i, t in enumerate(t for g in self.cache_groups for t in g)}
             self.train_cache_rows = [index[t] for t in self.train_texts]
