@@ -86,6 +86,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):  # e.g. a hand-edited config.json whose "invemb_model" is a string
+            raise InvembError(f"config section model must be a mapping, got {type(d).__name__} {str(d)[:60]!r}")
         return cls(encoder=_build(EncoderConfig, d.get("encoder", {}), "encoder"),
                    decoder=_build(DecoderConfig, d.get("decoder", {}), "decoder")).validate()
 

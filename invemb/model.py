@@ -311,6 +311,9 @@ def read_checkpoint_config(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "invemb_model" not in meta:
         raise InvembError(f"{path / 'config.json'} is not an invemb checkpoint config "
                           f"(format_version {FORMAT_VERSION} expected)")
+    if not isinstance(meta["invemb_model"], dict):
+        raise InvembError(f"{path / 'config.json'}: \"invemb_model\" must be a mapping of the model's config, got "
+                          f"{type(meta['invemb_model']).__name__} {str(meta['invemb_model'])[:60]!r}")
     unknown = set(meta) - CONFIG_KEYS
     if unknown:
         raise InvembError(f"{path / 'config.json'}: unknown top-level key(s) {sorted(unknown)}; known: "

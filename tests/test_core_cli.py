@@ -121,6 +121,8 @@ CONFIG_DAMAGE = {
     "zero_heads": (("decoder", "n_heads"), 0, "decoder.n_heads must be in [1,"),
     "string_number": (("decoder", "n_layers"), "2", "decoder.n_layers must be int"),
     "unknown_top_level": ((None, "surprise"), 1, "unknown top-level key(s) ['surprise']"),
+    "model_as_string": ((None, "invemb_model"), "minilm", '"invemb_model" must be a mapping'),  # issue 31 item 8
+    "decoder_as_list": (("decoder", None), [1, 2], "config section decoder must be a mapping"),
 }
 
 
@@ -131,7 +133,10 @@ def test_absurd_checkpoint_config_values_are_one_line_errors(case, toy_checkpoin
     shutil.copytree(toy_checkpoint, ck)
     (part, key), value, message = CONFIG_DAMAGE[case]
     meta = json.loads((ck / "config.json").read_text())
-    (meta["invemb_model"][part] if part else meta)[key] = value
+    if key is None:
+        meta["invemb_model"][part] = value
+    else:
+        (meta["invemb_model"][part] if part else meta)[key] = value
     (ck / "config.json").write_text(json.dumps(meta))
     assert main(["roundtrip", "--checkpoint", str(ck), "Oil falls"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -110,6 +110,68 @@ def test_killed_stub_stalled_stub_and_killed_server_are_restarted_and_clients_ri
     assert not procs.group_alive(last_group) and not regions_left(seen_regions | last_regions)
 
 
+HANG_MODEL = '''
+import os
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FLAG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hang")
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        if os.path.exists(FLAG):  # hang once, without being stopped: a deadlock as the server sees it
+            os.remove(FLAG)
+            while True:
+                time.sleep(1)
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", (x + 1).astype(np.float32))]))
+        return out
+'''
+HANG_CONFIG = """name: "add"
+backend: "python"
+max_batch_size: 8
+instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching { max_queue_delay_microseconds: 20000 }
+input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+"""
+
+
+def test_a_model_that_hangs_without_being_stopped_is_restarted(tmp_path):
+    # a stub can stop making progress while its state stays "sleeping" (a deadlock): only the server's own counts
+    # show it, requests waiting and none finished; a model merely busy keeps finishing requests
+    repo = tmp_path / "repo"
+    (repo / "add" / "1").mkdir(parents=True)
+    (repo / "add" / "1" / "model.py").write_text(HANG_MODEL)
+    (repo / "add" / "config.pbtxt").write_text(HANG_CONFIG)
+    policy = RestartPolicy(hang_s=3.0, metrics_every=0.5)
+    with TritonServer(repo, log_file=tmp_path / "server.log", policy=policy) as server:
+        load = Load(server.grpc_url)
+        try:
+            assert wait_for(lambda: len(load.ok) > 20)
+            time.sleep(8)  # busy, finishing requests, and idle probes answered: no restart
+            assert server.restarts == []
+            load.finish()
+            time.sleep(8)  # idle: probes answered, no restart
+            assert server.restarts == []
+            load = Load(server.grpc_url)
+            assert wait_for(lambda: len(load.ok) > 20)
+            old_group = server.proc.pid
+            (repo / "add" / "1" / "hang").write_text("")
+            assert wait_for(lambda: len(server.restarts) == 1), server.restarts
+            assert server.restarts[0]["ok"] and "hung" in server.restarts[0]["reason"], server.restarts
+            done = len(load.ok)
+            assert wait_for(lambda: len(load.ok) > done + 50)  # the clients' requests inside the hung batch too
+        finally:
+            load.finish()
+        assert load.failed == [] and not procs.group_alive(old_group)
+
+
 def test_a_crash_loop_ends_supervision_and_leaves_nothing(tmp_path):
     policy = RestartPolicy(max_restarts=1, window_s=600, backoff_s=0.1)
     server = TritonServer(add_repo(tmp_path / "repo"), log_file=tmp_path / "server.log", policy=policy).start()
@@ -161,3 +223,23 @@ def _is_server(pid: int, repo: Path) -> bool:
     except OSError:
         return False
     return argv[0].endswith("bin/tritonserver") and f"--model-repository={repo.resolve()}" in argv
+
+
+def test_probe_body_follows_the_models_config():
+    import json
+
+    from invemb.serving.probe import probe_body
+    from invemb.serving.supervise import parse_metrics
+    config = {"max_batch_size": 8, "input": [
+        {"name": "text", "data_type": "TYPE_STRING", "dims": [-1]},
+        {"name": "sentence_embedding", "data_type": "TYPE_FP32", "dims": [4]},
+        {"name": "beam_size", "data_type": "TYPE_INT32", "dims": [1], "optional": True}]}
+    body = json.loads(probe_body(config))["inputs"]
+    assert [(i["name"], i["shape"], i["datatype"]) for i in body] == [("text", [1, 1], "BYTES"),
+                                                                        ("sentence_embedding", [1, 4], "FP32")]
+    assert body[1]["data"] == [0, 0, 0, 0]
+    text = ('nv_inference_request_success{model="a",version="1"} 5\n'
+            'nv_inference_request_failure{model="a",version="1"} 2\n'
+            'nv_inference_pending_request_count{model="a",version="1"} 1\n'
+            'nv_inference_request_success{model="b",version="2"} 3\nnv_gpu_utilization{gpu_uuid="x"} 0\n')
+    assert parse_metrics(text) == {"a": (1.0, 7.0), "b": (0.0, 3.0)}

@@ -29,11 +29,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-restarts", type=int, default=5,
                     help="restarts allowed within --restart-window seconds; one more failure ends the launcher")
     ap.add_argument("--restart-window", type=float, default=300.0)
+    ap.add_argument("--hang-seconds", type=float, default=RestartPolicy.hang_s,
+                    help="restart when a model finishes no request for this long while requests wait, or then "
+                         "leaves a probe unanswered this long (0: no hang check)")
     ap.add_argument("--no-auto-export", action="store_true",
                     help="fail on a repository without model files instead of exporting the shipped model into it")
     args = ap.parse_args(argv)
     for name, value, low in (("--max-restarts", args.max_restarts, 0), ("--restart-window", args.restart_window, 1),
-                             ("--timeout", args.timeout, 1)):
+                             ("--timeout", args.timeout, 1), ("--hang-seconds", args.hang_seconds, 0)):
         if not value >= low:
             print(f"error: {name} must be >= {low}, got {value}", file=sys.stderr)
             return 2
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
                              "--out", str(checkout_root() / "onnx/shipped"), "--triton-repo", str(repo)]).returncode
         if rc != 0:
             return rc
-    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, hang_s=args.hang_seconds)
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_file=args.log_file, echo=not args.quiet,

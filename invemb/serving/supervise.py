@@ -8,7 +8,10 @@ tritonserver 2.51 does not recover from a failed python-backend stub by itself (
   is reported upstream under plain load (triton-inference-server/server#8882), where the remedy is a restart.
 `Supervisor` (a thread of the process that owns the server, every `period` s) therefore restarts the whole server
 on the same ports when tritonserver exits without being asked to, when a stub of the current generation dies, or
-when a stub has been stopped for `stall_s` (before the server aborts on it). A restart reaps every process and
+when a stub has been stopped for `stall_s` (before the server aborts on it), or when a model hangs without being stopped
+(a deadlock, a blocked read): it finished no request for `hang_s` (tritonserver's own metrics: success + failure
+counts) while requests wait in its queue, or it then leaves a probe request unanswered for `hang_s`
+(invemb.serving.probe). A model that is merely slow under load keeps finishing requests and is left alone. A restart reaps every process and
 /dev/shm region of the old generation (invemb.serving.procs.reap_generation) before the new one starts, so nothing
 is left behind and no healthy model of a live generation is ever reloaded on its own. While it restarts the ports
 are closed: readiness is false and clients get UNAVAILABLE (the invemb client retries over its time budget).
@@ -27,12 +30,15 @@ supervisor gives up, reaps the generation and sets `server.failed`. Every restar
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from invemb.serving import procs
+from invemb.serving.probe import Prober
 
 if TYPE_CHECKING:
     from invemb.serving.launch import TritonServer
@@ -46,6 +52,10 @@ class RestartPolicy:
     window_s: float = 300.0
     stall_s: float = 1.0  # a stub stopped (state T) this long is stalled: under requests the server would abort
     period: float = 0.5  # seconds between two looks at the processes
+    hang_s: float = 60.0  # a model that finishes no request for this long while requests wait, or then leaves a
+    # probe unanswered this long, hangs (0: no such check); our slowest request (beam_search, 32 rows x beam 16,
+    # 2 busy cores) takes about 20 s
+    metrics_every: float = 2.0  # seconds between two reads of the server's metrics (the hang check)
 
     def delay(self, recent: int) -> float:
         """Seconds to wait before a restart when `recent` restarts happened within the window."""
@@ -60,6 +70,9 @@ class Supervisor(threading.Thread):
         self.server, self.policy, self.halt = server, policy, threading.Event()
         self.known: dict[int, str] = {}  # pid -> model of the current generation's live stubs
         self.stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
+        self.progress: dict[str, tuple[float, float]] = {}  # model -> (requests finished, when that count moved)
+        self.metrics_at = 0.0
+        self.prober = Prober(server.http_url)
 
     def look(self) -> str | None:
         """One look at the current generation: the reason to restart it, or None when it is healthy."""
@@ -82,13 +95,52 @@ class Supervisor(threading.Thread):
         if stalled:
             return ("the process of model " + ", ".join(f"{m} (pid {pid})" for m, pid in stalled)
                     + f" stopped making progress (stopped for >= {self.policy.stall_s:g} s)")
+        return self.look_for_hangs(now)
+
+    def look_for_hangs(self, now: float) -> str | None:
+        """Every `metrics_every` s: the reason to restart when a model of a live stub hangs, else None. A model
+        hangs when requests wait in its queue and it finished none for `hang_s` s, or when it finished none for
+        `hang_s` s and then did not answer a probe within `hang_s` s (invemb.serving.probe: its clients' requests
+        can all be inside the hung batch, with nothing queued). Unreadable metrics: None (a dead server is seen
+        by the process checks)."""
+        p = self.policy
+        if p.hang_s <= 0 or now - self.metrics_at < p.metrics_every:
+            return None
+        self.metrics_at = now
+        try:
+            with urllib.request.urlopen(self.server.metrics_url, timeout=2) as r:
+                counts = parse_metrics(r.read().decode(errors="replace"))
+        except OSError:
+            return None
+        hung = []
+        for model in sorted(set(self.known.values()) & set(counts)):
+            pending, done = counts[model]
+            seen_done, since = self.progress.get(model, (done, now))
+            answered = self.prober.answered_at(model)
+            if done != seen_done or (answered is not None and answered > since):
+                since = now
+            self.progress[model] = (done, since)
+            if now - since < p.hang_s:
+                continue
+            if pending > 0:
+                hung.append(f"{model} ({pending:g} request(s) waiting, none finished for >= {p.hang_s:g} s)")
+                continue
+            sent = self.prober.pending_since(model)
+            if sent is None:
+                self.prober.send(model, p.hang_s)
+            elif now - sent >= p.hang_s:
+                hung.append(f"{model} (finished no request for >= {p.hang_s:g} s, then left a probe unanswered "
+                            f"for {now - sent:.0f} s)")
+        if hung:
+            return f"model {', '.join(hung)}: hung"
         return None
 
     def reset(self) -> None:
         """Take the stubs of a new generation as the known ones."""
         srv = self.server
         live = [s for s in procs.stubs(srv.proc.pid, srv.repo) if s.state != "Z" and s.model]
-        self.known, self.stopped_since = {s.pid: s.model for s in live}, {}
+        self.known, self.stopped_since, self.progress = {s.pid: s.model for s in live}, {}, {}
+        self.prober.reset()
         srv.note_regions(s.region for s in live)
 
     def run(self) -> None:
@@ -129,3 +181,23 @@ class Supervisor(threading.Thread):
                 return True
             reason = f"the restarted server did not get ready ({detail.splitlines()[0][:200]})"
         return False
+
+
+_METRIC = re.compile(r'^(nv_inference_pending_request_count|nv_inference_request_success|nv_inference_request_failure)'
+                     r'\{([^}]*)\}\s+([0-9.eE+-]+)\s*$')
+
+
+def parse_metrics(text: str) -> dict[str, tuple[float, float]]:
+    """tritonserver's Prometheus text -> model -> (requests waiting, requests finished: success + failure),
+    summed over versions."""
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if "model" not in labels:
+            continue
+        row = out.setdefault(labels["model"], [0.0, 0.0])
+        row[0 if m.group(1).endswith("count") else 1] += float(m.group(3))
+    return {k: (v[0], v[1]) for k, v in out.items()}
