@@ -278,3 +278,23 @@ def test_a_gpu_runs_lineage_entry_names_its_gpu(uninterrupted, tmp_path):
     assert entry["machine"] == "1 x NVIDIA H200 (GPU)" and entry["gpu_hours"] == pytest.approx(600 / 3600, abs=1e-3)
     card = write_card(shipped).read_text()
     assert "| 1 x NVIDIA H200 (GPU) |" in card and "10.0 GPU minutes in all" in card, card
+
+
+def test_the_written_form_recipe_trains_through_the_launcher(data, tmp_path):
+    """The shipped recipe's decoder features through train/run.py: surface heads, spelled numbers, spelling
+    practice, number and name swaps; the run writes its written-form table and the final model writes cased
+    text; a resume with another spelling-practice rate is refused (other training targets)."""
+    from invemb.model import InvertibleEmbedder
+    out = tmp_path / "written"
+    recipe = ["model.decoder.surface_heads=true", "model.decoder.spell_numbers=true", "augment_numbers=1",
+              "augment_names=1", "compact_vocab=true"]
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, *recipe, "spell_practice=0.2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert isinstance(json.loads((out / "surface.json").read_text()), dict)  # mixed-case forms: none in this data
+    val = records(out, "val")
+    assert val and all(r["val_surface"] > 0 for r in val)
+    model = InvertibleEmbedder.from_pretrained(out / "final")
+    assert model.writes_surface and (out / "final" / "surface.json").is_file()
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, *recipe, "spell_practice=0.3", "--resume",
+                "max_steps=8"])
+    assert p.returncode == 2 and "spell_practice" in p.stderr, p.stderr[-2000:]

@@ -27,11 +27,10 @@ from invemb.text import IGNORE
 from invemb.training.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.training.run_outputs import RunLogger, examples_table, git_hash, make_plots, read_metrics
 from invemb.training.schedule import Schedule
+from invemb.training.targets import add_surface, paraphrase_tensors, training_targets
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
-MAX_PARAPHRASES = 5
-SURFACE_TABLE_TEXTS = 200_000  # training texts read for the written-form table (headlines first)
 
 
 def accuracy_fields(acc: TopKAccumulator) -> dict[str, float]:
@@ -103,7 +102,7 @@ class Trainer:
             model = InvertibleEmbedder(cfg.model)
             if self.vocab_ids is not None:
                 model.decoder.set_vocab(self.vocab_ids, model.tokenizer.unk_token_id)
-        self._add_surface(model)
+        add_surface(model, cfg, self.train_texts, self.out, self.main)
         self.features = self._feature_cache(model) if cfg.feature_cache else None
         self.factory = lambda: self._fresh_model(model)  # noqa: E731
         self.params_total = sum(p.numel() for p in model.parameters())
@@ -113,15 +112,16 @@ class Trainer:
         self.train_lengths = self.train_mask.sum(1).tolist()
         enc = model.tokenize(self.val_texts)
         self.val_ids, self.val_mask = enc["input_ids"], enc["attention_mask"]  # [M,L]
-        self.train_tgt = self.val_tgt = None
-        if self._own_targets(model):  # the decoder's own sequences + surface tags (invemb.surface)
-            self.train_tgt = model.decoder_targets(self.train_texts, cfg.spell_practice, cfg.seed + 2000)
-            self.val_tgt = model.decoder_targets(self.val_texts)
+        # the decoder's own sequences + surface tags (invemb.surface), or None: the encoder's ids
+        self.train_tgt, self.val_tgt = training_targets(model, cfg, self.train_texts, self.val_texts)
         if self.features is not None:  # each row's row in the cache
             index = {t: i for i, t in enumerate(t for g in self.cache_groups for t in g)}
             self.train_cache_rows = [index[t] for t in self.train_texts]
             self.val_cache_rows = [index[t] for t in self.val_texts]
-        self.para_index = self._paraphrase_tensors(model) if self.paraphrases else None
+        self.para_index = None
+        if self.paraphrases:
+            self.para_ids, self.para_mask, self.para_index = paraphrase_tensors(model, self.train_texts,
+                                                                                self.paraphrases)
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
         objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout,
@@ -142,25 +142,6 @@ class Trainer:
             self.last_saved = self.step
         self.prior_wall, self.prior_cpu = self._prior_time()
         self.logger = RunLogger(self.out, self.main, self.step if self.resume else None)
-
-    def _add_surface(self, model) -> None:
-        """Surface heads the recipe asks for and the start weights lack (new heads), and the written-form table of
-        the training headlines (they come first in train_texts)."""
-        dec = self.cfg.model.decoder
-        if dec.surface_heads and not getattr(model.decoder, "has_surface", False):
-            model.decoder.add_surface_heads()
-        if getattr(model.decoder, "has_surface", False):
-            from invemb.surface import build_table
-            from invemb.surface import save_table
-            model.surface_table = build_table(model.tokenizer, self.train_texts[:SURFACE_TABLE_TEXTS], model.max_length)
-            if self.main:  # beside the checkpoints: the final model and scripts/ship_model.py read it from here
-                save_table(self.out, model.surface_table)
-
-    def _own_targets(self, model) -> bool:
-        """Whether the decoder trains on its own sequences (decoder_targets) instead of the encoder's ids: surface
-        tags, spelled numbers, or a compact vocabulary (pieces outside it are spelled, not trained as [UNK])."""
-        d = self.cfg.model.decoder
-        return d.kind == "transformer" and (d.surface_heads or d.spell_numbers or bool(d.output_vocab))
 
     def _prior_time(self) -> tuple[float, float]:
         """Training wall / CPU seconds spent before this process (from the resumed checkpoint), for the CPU-hour
@@ -196,18 +177,6 @@ class Trainer:
         from transformers import AutoModel
         from invemb.model import InvertibleEmbedder
         return InvertibleEmbedder(self.cfg.model, like.tokenizer, AutoModel.from_config(like.encoder.backbone.config))
-
-    def _paraphrase_tensors(self, model) -> torch.Tensor | None:
-        """Token ids of every paraphrase (self.para_ids [R,L']) and each row's paraphrase rows [N,P] (-1: none)."""
-        texts, index = [], []
-        for t in self.train_texts:
-            paras = self.paraphrases.get(t, [])[:MAX_PARAPHRASES]
-            index.append(list(range(len(texts), len(texts) + len(paras))))
-            texts.extend(paras)
-        enc = model.tokenize(texts)
-        self.para_ids, self.para_mask = enc["input_ids"], enc["attention_mask"]
-        p = max(len(i) for i in index)
-        return torch.tensor([i + [-1] * (p - len(i)) for i in index], dtype=torch.long)
 
     # ------------------------------------------------------------------------------------------------ batches
     def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool,
