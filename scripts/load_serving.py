@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from invemb.paths import checkout_root
+from invemb.paths import checkout_root, display_command
 from invemb.util import describe_machine
 
 REPO = checkout_root()
@@ -290,7 +290,7 @@ def bulk_main(a, argv) -> int:
     r = bulk(a)
     ok = r.get("resume_rc") == 0 and r.get("resumed_equals_uninterrupted_rows") == r["rows"] and \
         r.get("rows_within_1e_5_of_in_process") == r["rows"] and r["first_rc"] == 2
-    command = "python scripts/load_serving.py " + " ".join(argv)
+    command = "python scripts/load_serving.py " + display_command(argv)
     lines = ["# Bulk encode through a killed server, resumed", "", f"Command: `{command}`",
              f"Machine: {describe_machine()}.", "", f"**{'PASS' if ok else 'FAIL'}**: {r['rows']} headlines; the "
              f"server was SIGKILLed after {r.get('killed_after_s')} s with {r['chunks_written']} of {r['chunks']} "
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     if a.bulk:
         return bulk_main(a, sys.argv[1:] if argv is None else argv)
     r = run(a)
-    command = "python scripts/load_serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/load_serving.py " + display_command(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, **r}, indent=2))
