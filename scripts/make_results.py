@@ -30,6 +30,17 @@ SHIPPED_POINTER = ("The shipped model (models/invemb-minilm-s768): **[fidelity.m
                    "sections below are the older `small` pipeline recipe.")
 
 
+def index_paragraph(readme: Path) -> str:
+    """The results index (the paragraph after the header lines): kept from the existing results/README.md, where
+    each measurement adds its link, so regenerating the pipeline section never drops them; SHIPPED_POINTER for a
+    new file."""
+    if readme.is_file():
+        parts = readme.read_text().split("\n\n")
+        if len(parts) > 2 and parts[0] == "# Results" and parts[1].startswith("Measured numbers only"):
+            return parts[2].strip()
+    return SHIPPED_POINTER
+
+
 def fidelity(run: Path) -> list[str]:
     m = json.loads((run / "eval/metrics.json").read_text())
     cfg = json.loads((run / "train/config.json").read_text()) if (run / "train/config.json").is_file() else {}
@@ -66,7 +77,7 @@ def main() -> None:
     a = ap.parse_args()
     run = Path(a.run)
     lines = ["# Results", "", "Measured numbers only. Each section names the command and the machine.", "",
-             SHIPPED_POINTER, "",
+             index_paragraph(REPO / "results" / "README.md"), "",
              f"Machine: {a.machine or describe_machine()}.", ""]
     if (run / "eval/metrics.json").is_file():
         lines += ["## Fidelity (CPU `small` recipe, the pipeline's training budget)", "", f"Command: `{a.command}`", ""]
