@@ -71,3 +71,30 @@ def test_chunk_store_keeps_finished_chunks_and_resumes_only_the_same_job(tmp_pat
     texts.save(0, ["a", "b"])
     texts.save(1, ["c\td"])
     assert texts.assemble() == ["a", "b", "c\td"]
+
+
+class _Answer:
+    def __init__(self, status: str, message: str):
+        self._status, self._message = status, message
+
+    def status(self):
+        return self._status
+
+    def message(self):
+        return self._message
+
+
+@pytest.mark.parametrize("status,message,transient", [
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", True),
+    ("StatusCode.INTERNAL", "Stub process 'tokenizer_0_0' is not healthy.", True),
+    # an inner step of an ensemble lost an input while the server died: not the user's doing
+    ("StatusCode.INVALID_ARGUMENT", "in ensemble 'encode', [request id: <id_unknown>] expected 2 inputs but got 1 "
+     "inputs for model 'encoder'. Got input(s) ['input_ids']", True),
+    # the user's own request lacking an input of the ensemble: refused at once, never retried
+    ("StatusCode.INVALID_ARGUMENT", "[request id: <id_unknown>] expected 1 inputs but got 0 inputs for model "
+     "'encode'", False),
+    ("StatusCode.INVALID_ARGUMENT", "in ensemble 'encode', text row 3 is empty", False),
+])
+def test_which_answers_the_client_retries(status, message, transient):
+    from invemb.serving.client import TritonClient
+    assert TritonClient._transient(_Answer(status, message)) is transient
