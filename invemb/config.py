@@ -109,7 +109,9 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_factor: float = 0.1
     min_lr: float = 1e-5
-    seed: int = 0
+    seed: int = 0  # draws the augmentations, the data order, dropout and noise
+    split_seed: int = 0  # draws the train/validation split, apart from `seed`: a new seed never moves validation
+    # headlines into training (a model continued with init_from must keep its split_seed)
     val_fraction: float = 0.1
     train_limit: int = 0  # 0: all training headlines; else the first N of the shuffled split
     val_limit: int = 512  # validation headlines evaluated each epoch (fixed subset)

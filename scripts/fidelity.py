@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     meta = read_checkpoint_config(ckpt)
     recipe = meta.get("info", {}).get("recipe") or {}
     # the split and hold-out the model was trained with (a checkpoint without a recipe: the defaults, said so)
-    split_cfg = {"val_fraction": float(recipe.get("val_fraction", 0.1)), "seed": int(recipe.get("seed", 0)),
+    split_cfg = {"val_fraction": float(recipe.get("val_fraction", 0.1)),
+                 "seed": int(recipe.get("split_seed", recipe.get("seed", 0))),
                  "holdout_newest_days": int(recipe.get("holdout_newest_days", 0)),
                  "noise_sigma": recipe.get("noise_sigma"), "from_recipe": bool(recipe)}
     split = split_records(records, split_cfg["val_fraction"], split_cfg["seed"])

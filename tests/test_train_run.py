@@ -192,7 +192,8 @@ def test_model_card_states_the_runs_own_data_and_recipe(uninterrupted, tmp_path)
         assert constant not in card, constant
     # another recipe (seed, split, hold-out) and data facts: the card follows them
     raw = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**raw, "seed": 7, "val_fraction": 0.2, "holdout_newest_days": 14}))
+    (run / "config.json").write_text(json.dumps({**raw, "split_seed": 7, "val_fraction": 0.2,
+                                                 "holdout_newest_days": 14}))
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     state = json.loads((ckpt / "invemb_state.json").read_text())
     state["data"].update(newest_from="2020-07-05", held_out_newest=12)
@@ -298,3 +299,19 @@ def test_the_written_form_recipe_trains_through_the_launcher(data, tmp_path):
     p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, *recipe, "spell_practice=0.3", "--resume",
                 "max_steps=8"])
     assert p.returncode == 2 and "spell_practice" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_new_seed_keeps_the_validation_split(uninterrupted, data, tmp_path):
+    """`seed` draws augmentations and order; the split has its own split_seed, so continuing a model with another
+    seed never trains on its validation headlines."""
+    def val_heads(run):
+        rows = (run / "examples.md").read_text().splitlines()[2:]
+        return [r.split("|")[2].strip() for r in rows if r.startswith("|")]
+    out = tmp_path / "seed3"
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, "max_steps=2", "seed=3"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert val_heads(out) == val_heads(uninterrupted) and len(val_heads(out)) >= 8
+    out = tmp_path / "split3"
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, "max_steps=2", "split_seed=3"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert val_heads(out) != val_heads(uninterrupted)

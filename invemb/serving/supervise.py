@@ -7,14 +7,15 @@ tritonserver 2.51 does not recover from a failed python-backend stub by itself (
   server aborts (SIGABRT, boost::interprocess::lock_exception in libtriton_python.so), 4 runs of 4; the same abort
   is reported upstream under plain load (triton-inference-server/server#8882), where the remedy is a restart.
 `Supervisor` (a thread of the process that owns the server, every `period` s) therefore restarts the whole server
-on the same ports when tritonserver exits without being asked to, when a stub of the current generation dies, or
-when a stub has been stopped for `stall_s` (before the server aborts on it), or when a model hangs without being stopped
-(a deadlock, a blocked read): it finished no request for `hang_s` (tritonserver's own metrics: success + failure
-counts) while requests wait in its queue, or it then leaves a probe request unanswered for `hang_s`
-(invemb.serving.probe). A model that is merely slow under load keeps finishing requests and is left alone. A restart reaps every process and
-/dev/shm region of the old generation (invemb.serving.procs.reap_generation) before the new one starts, so nothing
-is left behind and no healthy model of a live generation is ever reloaded on its own. While it restarts the ports
-are closed: readiness is false and clients get UNAVAILABLE (the invemb client retries over its time budget).
+on the same ports when tritonserver exits without being asked to, when a stub of the current generation dies, when
+a stub has been stopped for `stall_s` (before the server aborts on it), or when a model hangs without being
+stopped (a deadlock, a blocked read): it finished no request for `hang_s` (tritonserver's own metrics: success +
+failure counts) while requests wait in its queue, or it then leaves a probe request unanswered for `hang_s`
+(invemb.serving.probe). A model that is merely slow under load keeps finishing requests and is left alone. A
+restart reaps every process and /dev/shm region of the old generation (invemb.serving.procs.reap_generation)
+before the new one starts, so nothing is left behind and no healthy model of a live generation is ever reloaded on
+its own. While it restarts the ports are closed: readiness is false and clients get UNAVAILABLE (the invemb client
+retries over its time budget).
 
 Why whole-server restarts and not per-model reloads (the earlier StubWatch): reloading one model needs the
 repository API (explicit model control), and the only way tritonserver 2.51 restricts that API is a header value

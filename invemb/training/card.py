@@ -63,7 +63,8 @@ def data_line(recipe: dict, data: dict | None, run: str) -> str:
     """What the run that made the weights trained on: its recipe's split, seed, hold-out and train_limit, and the
     counts its checkpoint recorded (none for a run from before data facts: then no counts are stated)."""
     data = data or {}
-    vf, seed = float(recipe.get("val_fraction", 0.1)), recipe.get("seed")
+    # the split's seed: split_seed since it exists; before, the one seed drew the split too
+    vf, seed = float(recipe.get("val_fraction", 0.1)), recipe.get("split_seed", recipe.get("seed"))
     what = (f"`{data['path']}`, {data['headlines']:,} headlines" if data.get("headlines") is not None
             else "its data set (a run from before the checkpoint recorded the data: size unknown)")
     split = f"seeded {100 * (1 - vf):g}/{100 * vf:g} train/validation split (seed {seed}"

@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         if cfg.max_steps < 0 or cfg.epochs < 1:
             raise InvembError("epochs must be >= 1 and max_steps >= 0")
         from invemb.data import load_split, newest_records
-        split = load_split(args.data, cfg.val_fraction, cfg.seed)
+        split = load_split(args.data, cfg.val_fraction, cfg.split_seed)
         held = {r.text for r in newest_records(split.train + split.val, cfg.holdout_newest_days)} \
             if cfg.holdout_newest_days else set()
         train = [r.text for r in split.train if r.text not in held][:cfg.train_limit or None]
