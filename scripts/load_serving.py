@@ -331,6 +331,13 @@ def main(argv=None) -> int:
     if a.stall_stub and not a.stall_stub[1].replace(".", "", 1).isdigit():
         print(f"error: --stall-stub SECONDS must be a number, got {a.stall_stub[1]!r}", file=sys.stderr)
         return 2
+    from invemb.data import resolve_data_path
+    from invemb.errors import InvembError
+    try:
+        resolve_data_path(a.data)  # the headlines the clients send: a missing --data is one line, before any work
+    except InvembError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.bulk:
         return bulk_main(a, sys.argv[1:] if argv is None else argv)
     r = run(a)
