@@ -237,6 +237,12 @@ def render(r: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# served vs in-process vectors: the server batches rows differently from OnnxEmbedder.encode (other batch sizes and
+# padded lengths, so other kernel shapes and summation orders), measured ~1e-5 apart on equal rows; resumed vs
+# uninterrupted (both served, the same chunks) must be bit-identical
+IN_PROCESS_TOL = 1e-4
+
+
 def bulk(a) -> dict:
     """The bulk-resume measurement (--bulk N, see the module doc)."""
     import subprocess
@@ -277,26 +283,32 @@ def bulk(a) -> dict:
         whole = subprocess.run([*job, "--url", second.grpc_url, "encode", str(work / "bulk.txt"), "--out",
                                 str(work / "whole.npy")], capture_output=True, text=True)
         r.update(uninterrupted_rc=whole.returncode, uninterrupted_s=round(time.monotonic() - t0, 1))
+    for key in ("first_error", "resume_stderr"):  # the scratch folder is this machine's: named WORK in results
+        r[key] = [line.replace(str(work), "WORK") for line in r[key]]
     if r["resume_rc"] == 0 and r["uninterrupted_rc"] == 0:
         got, ref = np.load(out), np.load(work / "whole.npy")  # [N,S] each
         diff = np.abs(got - want).max(1)  # [N]
         r.update(resumed_equals_uninterrupted_rows=int((got == ref).all(1).sum()),
                  resumed_equals_in_process_rows=int((got == want).all(1).sum()),
-                 rows_within_1e_5_of_in_process=int((diff <= 1e-5).sum()), max_abs_diff=float(diff.max()))
+                 rows_within_1e_5_of_in_process=int((diff <= 1e-5).sum()),
+                 rows_within_1e_4_of_in_process=int((diff <= IN_PROCESS_TOL).sum()), max_abs_diff=float(diff.max()),
+                 min_cosine_to_in_process=float(((got * want).sum(1) / (np.linalg.norm(got, axis=1)
+                                                                       * np.linalg.norm(want, axis=1))).min()))
     return r
 
 
 def bulk_main(a, argv) -> int:
     r = bulk(a)
     ok = r.get("resume_rc") == 0 and r.get("resumed_equals_uninterrupted_rows") == r["rows"] and \
-        r.get("rows_within_1e_5_of_in_process") == r["rows"] and r["first_rc"] == 2
+        r.get("rows_within_1e_4_of_in_process") == r["rows"] and r["first_rc"] == 2
     command = "python scripts/load_serving.py " + display_command(argv)
     lines = ["# Bulk encode through a killed server, resumed", "", f"Command: `{command}`",
              f"Machine: {describe_machine()}.", "", f"**{'PASS' if ok else 'FAIL'}**: {r['rows']} headlines; the "
              f"server was SIGKILLed after {r.get('killed_after_s')} s with {r['chunks_written']} of {r['chunks']} "
              f"chunks written (the job exited {r['first_rc']}); resumed on a new server in {r.get('resume_s')} s; "
              f"{r.get('resumed_equals_uninterrupted_rows')} rows identical to an uninterrupted run, "
-             f"{r.get('rows_within_1e_5_of_in_process')} within 1e-5 of in-process ONNX Runtime (max |diff| "
+             f"{r.get('rows_within_1e_4_of_in_process')} within 1e-4 of in-process ONNX Runtime, the load run's "
+             f"tolerance ({r.get('rows_within_1e_5_of_in_process')} within 1e-5; max |diff| "
              f"{r.get('max_abs_diff')}).", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r.items()]
     out = Path(a.out)
