@@ -83,7 +83,8 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
         written = text[start:end]
         gap = int(prev_end is not None and start > prev_end and not cont)
         prev_end = end
-        capital = written[:1].isupper() if not cont else capital
+        if not cont:  # a word's later pieces belong to the capitalised word their first piece starts
+            capital = written[:1].isupper()
         spelled = None
         if len(piece) > 1 and ((known is not None and tid not in known) or
                                (spell_numbers and any(c.isdigit() for c in piece)) or

@@ -11,6 +11,7 @@ processes requests; no answer within the hang limit means it does not.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -31,9 +32,7 @@ def probe_body(config: dict) -> bytes:
             continue
         dims = [1 if int(d) < 0 else int(d) for d in spec.get("dims", [])]
         shape = ([1] if batched else []) + dims
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         kind = _TYPES.get(spec.get("data_type", "TYPE_FP32"), "FP32")
         data = ["probe"] * n if kind == "BYTES" else [False] * n if kind == "BOOL" else [0] * n
         inputs.append({"name": spec["name"], "shape": shape, "datatype": kind, "data": data})
@@ -71,7 +70,6 @@ class Prober:
 
     def _run(self, model: str, timeout: float) -> None:
         base = f"http://{self.http_url}/v2/models/{model}"
-        answered = False
         try:
             with urllib.request.urlopen(base + "/config", timeout=10) as r:
                 body = probe_body(json.loads(r.read()))
@@ -83,9 +81,8 @@ class Prober:
             answered = True
         except (OSError, ValueError):  # no answer in time, or no server: the process checks see a dead server
             answered = False
+        # unanswered: it stays in `sent`, where the supervisor reads how long it has been out; a probe of a
+        # generation reset meanwhile is no longer in `sent` and is forgotten either way
         with self.lock:
-            started = self.sent.pop(model, None)
-            if answered and started is not None:
+            if answered and self.sent.pop(model, None) is not None:
                 self.answered[model] = time.monotonic()
-            elif started is not None and not answered:
-                self.sent[model] = started  # keep it pending: the supervisor reads how long it has been out

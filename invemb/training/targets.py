@@ -1,5 +1,6 @@
 """What the decoder trains to write (invemb.training.loop.Trainer.setup): the surface heads and written-form table a
-recipe asks for, and the decoder's own targets (invemb.surface) for the training and validation texts."""
+recipe asks for, the decoder's own targets (invemb.surface) for the training and validation texts, and the
+paraphrases of the min-over-paraphrases loss as token tensors."""
 from __future__ import annotations
 
 from pathlib import Path
