@@ -43,6 +43,9 @@ class DecoderConfig:
     output_vocab: int = 0  # 0: the tokenizer's vocabulary; N: a compact vocabulary of N pieces (map in the weights)
     surface_heads: bool = False  # case + space-before tag heads: decoded text as written (invemb.surface)
     spell_numbers: bool = False  # targets write every number digit by digit ("587" -> "5 ##8 ##7"; invemb.surface)
+    surface_hidden: int = 0  # surface heads: 0 one linear layer each; N: a GELU layer of N units before it
+    surface_pieces: bool = False  # surface heads also read the embeddings of the piece read and the one before it
+    surface_next: bool = False  # ... and of the piece after it (tagging runs after the search: the row is known)
 
 
 @dataclass
@@ -146,6 +149,9 @@ class TrainConfig:
     fact_rounds: int = 1  # independent draws of the number / name copies (round r: seed + 1000 + r)
     spell_practice: float = 0.0  # chance a piece of a capitalised training word is spelled in the targets (surface)
     surface_weight: float = 1.0  # weight of the case + space tag losses (decoder.surface_heads)
+    # "surface": only the case / space-before heads train; every other weight stays the start model's (so the pieces
+    # it decodes, and every normalised figure, are the start model's)
+    train_only: str = ""
     cpu_bf16: bool = False  # plain engine on a CPU with bf16 matmuls (AMX / AVX512-BF16): bf16 autocast; else fp32
     gpu_bf16: bool = True  # plain engine on a GPU with bf16: bf16 autocast (false: fp32, e.g. to match CPU numerics)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +183,10 @@ class TrainConfig:
         if cfg.fit_to_time and (cfg.max_minutes <= 0 or cfg.lr_schedule != "cosine"):
             raise InvembError("fit_to_time fits the cosine schedule to max_minutes: it needs lr_schedule: cosine and "
                               f"max_minutes > 0 (got {cfg.lr_schedule!r}, {cfg.max_minutes})")
+        if cfg.train_only not in ("", "surface"):
+            raise InvembError(f"train_only must be '' (everything) or 'surface', got {cfg.train_only!r}")
+        if cfg.train_only == "surface" and not cfg.model.decoder.surface_heads:
+            raise InvembError("train_only: surface needs model.decoder.surface_heads: true (the heads it trains)")
         if cfg.feature_cache and not cfg.model.encoder.freeze_backbone:
             raise InvembError("feature_cache needs model.encoder.freeze_backbone: true (a trained backbone changes)")
         return cfg

@@ -127,22 +127,47 @@ class TransformerDecoder(nn.Module):
         if cfg.surface_heads:
             self.add_surface_heads()
 
-    def add_surface_heads(self) -> None:
-        """The case / space-before tag heads of invemb.surface (new, N(0, 0.02)), e.g. on a model trained without."""
+    def add_surface_heads(self, hidden: int | None = None, pieces: bool | None = None,
+                          after: bool | None = None) -> None:
+        """The case / space-before tag heads of invemb.surface (new, N(0, 0.02)), e.g. on a model trained without.
+        hidden (default cfg.surface_hidden): 0 -> one linear layer each; N -> Linear(in, N), GELU, Linear(N, tags).
+        pieces (default cfg.surface_pieces): the heads also read the embeddings of the piece read and of the one
+        before it, for heads trained on a frozen decoder whose last state, shaped to predict the NEXT piece, keeps
+        the piece it read only faintly; after (default cfg.surface_next): and of the piece after it."""
         from invemb.surface import N_CASE, N_SPACE
-        d = self.cfg.d_model
-        self.case_head, self.space_head = nn.Linear(d, N_CASE), nn.Linear(d, N_SPACE)
-        for head in (self.case_head, self.space_head):
-            nn.init.normal_(head.weight, std=0.02), nn.init.zeros_(head.bias)
-        self.cfg.surface_heads = True
+        c = self.cfg
+        c.surface_hidden = c.surface_hidden if hidden is None else hidden
+        c.surface_pieces = c.surface_pieces if pieces is None else pieces
+        c.surface_next = c.surface_next if after is None else after
+        d = c.d_model * (1 + 2 * c.surface_pieces + c.surface_next)
+
+        def head(n: int) -> nn.Module:
+            h = c.surface_hidden
+            return nn.Linear(d, n) if not h else nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, n))
+        self.case_head, self.space_head = head(N_CASE), head(N_SPACE)
+        for layer in (m for h in (self.case_head, self.space_head) for m in h.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(layer.weight, std=0.02), nn.init.zeros_(layer.bias)
+        c.surface_heads = True
 
     @property
     def has_surface(self) -> bool:
         return getattr(self, "case_head", None) is not None
 
-    def surface_logits(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final states [N,t,d] (position i has READ piece i) -> case logits [N,t,4], space logits [N,t,2]."""
-        return self.case_head(states), self.space_head(states)
+    def surface_logits(self, states: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final states [N,t,d] of the decoder inputs input_ids [N,t] (tokenizer ids; position i has READ piece i)
+        -> case logits [N,t,4], space logits [N,t,2]. With cfg.surface_next the tag of piece i also reads piece
+        i+1, so every caller ends each row with [SEP] (training: the targets' [SEP]; tagging a finished search:
+        rows padded with [SEP], InvertibleEmbedder._surface_tags / invemb.graph_stepper.surface_tags)."""
+        feats = [states]
+        if self.cfg.surface_pieces or self.cfg.surface_next:
+            e = self.tok(self.vocab_map[input_ids] if self.compact else input_ids)  # [N,t,d]
+            zero = torch.zeros_like(e[:, :1])  # [N,1,d]
+            if self.cfg.surface_pieces:
+                feats += [e, torch.cat([zero, e[:, :-1]], dim=1)]  # piece i, piece i-1 (0 before the first)
+            if self.cfg.surface_next:
+                feats.append(torch.cat([e[:, 1:], zero], dim=1))  # piece i+1 (0 after the last column)
+        x = torch.cat(feats, dim=-1) if len(feats) > 1 else states  # [N,t,d x features]
+        return self.case_head(x), self.space_head(x)
 
     def states(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the final states [N,t,d] of decoder inputs [N,t] (tokenizer ids)."""
@@ -150,7 +175,7 @@ class TransformerDecoder(nn.Module):
 
     def surface_tags(self, sentence_embedding: torch.Tensor, input_ids: torch.Tensor):
         """[CLS] + generated pieces [N,t] -> argmax case / space tags [N,t] (what `invemb.surface.render` reads)."""
-        case, space = self.surface_logits(self.states(sentence_embedding, input_ids))
+        case, space = self.surface_logits(self.states(sentence_embedding, input_ids), input_ids)
         return case.argmax(-1), space.argmax(-1)
 
     def set_vocab(self, vocab_ids, unk_id: int) -> None:

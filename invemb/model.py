@@ -145,13 +145,14 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
         out = {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
         if tags:
-            out["surface"] = self._surface_loss(states, case_tags, space_tags, drop)
+            out["surface"] = self._surface_loss(states, dec_in, case_tags, space_tags, drop)
             out["loss"] = loss + surface_weight * out["surface"]
         return out
 
-    def _surface_loss(self, states, case_tags, space_tags, drop) -> torch.Tensor:
-        # states [B,T-1,d] at the decoder inputs; the tag of input position i is the tag of piece i ([CLS]: none)
-        case_logits, space_logits = self.decoder.surface_logits(states)  # [B,T-1,4], [B,T-1,2]
+    def _surface_loss(self, states, dec_in, case_tags, space_tags, drop) -> torch.Tensor:
+        # states [B,T-1,d] at the decoder inputs dec_in [B,T-1]; the tag of input position i is the tag of piece i
+        # ([CLS]: none)
+        case_logits, space_logits = self.decoder.surface_logits(states, dec_in)  # [B,T-1,4], [B,T-1,2]
         total = states.new_zeros(())
         for logits, tags in ((case_logits, case_tags), (space_logits, space_tags)):
             t = tags[:, :-1].long()  # [B,T-1]
@@ -189,13 +190,15 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
     @torch.no_grad()
     def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         width = max(1, max(len(r) for r in ids))
-        x = torch.full((len(ids), width + 1), self.pad_id, dtype=torch.long)  # [N,1+T]: [CLS] + pieces (+ pad)
+        # [N,2+T]: [CLS] + pieces + [SEP], [SEP] after: a tag reads at most the piece after its own (the decoder is
+        # causal), so a row's tags never depend on the longest row of its batch (no [SEP] column after a row at
+        # the position limit: training never saw one there either, a cut target has none)
+        x = torch.full((len(ids), min(width + 2, self.max_length)), self.eos_id, dtype=torch.long)
         x[:, 0] = self.bos_id
         for i, row in enumerate(ids):
             x[i, 1:1 + len(row)] = torch.as_tensor(row, dtype=torch.long)
-        # causal: the padding after a row's pieces never changes their tags
         case, space = self.decoder.surface_tags(torch.as_tensor(vectors, device=self.device), x.to(self.device))
-        return case[:, 1:].cpu().numpy(), space[:, 1:].cpu().numpy()  # [N,T]
+        return case[:, 1:1 + width].cpu().numpy(), space[:, 1:1 + width].cpu().numpy()  # [N,T]
 
     def decoder_targets(self, texts: Sequence[str], practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
         """Cleaned texts -> the decoder's targets (invemb.surface.decoder_targets for this model's vocabulary;

@@ -15,8 +15,10 @@ from invemb.surface import FIRST, TABLE, UPPER
 TABLE_FORMS = {"oil": "OiL", "prices": "PRICES", "u": "U"}  # a small surface table (piece -> written form)
 
 
-def surface_toy(seed: int = 2):
-    """A random toy with surface heads whose tags vary (heads re-drawn larger than their N(0, 0.02) init)."""
+def surface_toy(seed: int = 2, hidden: int = 0, pieces: bool = False, after: bool = False):
+    """A random toy with surface heads whose tags vary (heads re-drawn larger than their N(0, 0.02) init); hidden /
+    pieces / after: heads with a hidden layer that also read the piece embeddings (decoder.surface_hidden /
+    surface_pieces / surface_next)."""
     import dataclasses
 
     import torch
@@ -25,11 +27,13 @@ def surface_toy(seed: int = 2):
     from invemb.model import InvertibleEmbedder
     torch.manual_seed(seed)
     cfg = preset("toy").model
-    cfg.decoder = dataclasses.replace(cfg.decoder, surface_heads=True)
+    cfg.decoder = dataclasses.replace(cfg.decoder, surface_heads=True, surface_hidden=hidden, surface_pieces=pieces,
+                                      surface_next=after)
     model = InvertibleEmbedder(cfg)
     with torch.no_grad():
         for head in (model.decoder.case_head, model.decoder.space_head):
-            head.weight.normal_(0, 0.5), head.bias.normal_(0, 0.5)
+            for layer in (m for m in head.modules() if isinstance(m, torch.nn.Linear)):
+                layer.weight.normal_(0, 0.5), layer.bias.normal_(0, 0.5)
     model.surface_table = dict(TABLE_FORMS)
     return model.eval()
 
@@ -91,6 +95,34 @@ def test_ort_tags_and_written_texts_equal_torch(surface_model, surface_export, v
     assert written != normalized and [w.lower() for w in written] != written  # cased text came back
     rows = validate.beam_parity(surface_model, surface_export, ["Oil prices fall", "U.S. stocks rise"], 2, 1)[0]
     assert all(r.ok for r in rows) and any("tags" in r.check for r in rows), rows
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "before+after"])
+def test_heads_that_read_the_pieces_export_with_parity(vectors, tmp_path, after):
+    """Heads trained on a frozen decoder (a hidden layer; the final state + the embeddings of the piece read, the
+    one before and, with `after`, the one after): the same graph, tags and texts in ORT as in torch; a row's tags do
+    not depend on the other rows of its batch (each row ends with [SEP]); a row at the position limit still tags."""
+    from invemb.ort import OnnxEmbedder
+    model = surface_toy(seed=3, hidden=16, pieces=True, after=after)
+    out = tmp_path / "onnx"
+    with exporter.quiet_exporter():
+        exporter.export_model(model, out)
+    rows = [r for r in validate.graph_parity(model, out, threads=1) if r.check == "decoder_surface"]
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    emb = OnnxEmbedder(out, threads=1)
+    ids = model.decode_ids(vectors, beam_size=2, max_length=10)
+    ids[0] = (ids[0] * 40)[:model.max_length - 1]  # the longest row a search can return
+    ids[1] = ids[1][:2]
+    (case_t, space_t), (case_o, space_o) = model._surface_tags(vectors, ids), emb._surface_tags(vectors, ids)
+    for i, row in enumerate(ids):
+        n = len(row)
+        assert case_o[i, :n].tolist() == case_t[i, :n].tolist()
+        assert space_o[i, :n].tolist() == space_t[i, :n].tolist()
+        alone, _ = model._surface_tags(vectors[i:i + 1], [row])
+        assert alone[0, :n].tolist() == case_t[i, :n].tolist(), i
+    written = emb.decode(vectors, beam_size=2, max_length=10)
+    assert written == model.decode(vectors, beam_size=2, max_length=10)
+    assert written != emb.decode(vectors, beam_size=2, max_length=10, normalized=True)
 
 
 def test_variants_and_one_call_keep_the_written_form(surface_model, surface_export, vectors, tmp_path):

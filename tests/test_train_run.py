@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -315,3 +316,35 @@ def test_a_new_seed_keeps_the_validation_split(uninterrupted, data, tmp_path):
     p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, "max_steps=2", "split_seed=3"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert val_heads(out) != val_heads(uninterrupted)
+
+
+def test_training_only_the_surface_heads_keeps_every_other_weight(uninterrupted, data, tmp_path):
+    """train_only=surface on a model trained without surface heads: new heads (a hidden layer each, reading the
+    final state and the embeddings of the piece read, the one before and the one after) learn the tags,
+    every other weight stays bit for bit the start model's, so it decodes the same pieces; the recipe is refused
+    without surface heads, and train_only takes no other value."""
+    from invemb.model import InvertibleEmbedder
+    out = tmp_path / "heads"
+    recipe = [f"init_from={uninterrupted / 'final'}", "model.decoder.surface_heads=true",
+              "model.decoder.surface_hidden=16", "model.decoder.surface_pieces=true", "model.decoder.surface_next=true", "train_only=surface"]
+    p = launch(["--config", TOY, "--data", data, "--out", out, *FAST, *recipe, "max_steps=24", "eval_every=12",
+                "lr=0.01", "warmup_steps=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    start, end = final_state(uninterrupted), final_state(out)
+    heads = {k for k in end if ".case_head." in k or ".space_head." in k}
+    assert {"decoder.case_head.0.weight", "decoder.case_head.2.weight"} <= heads and set(end) - heads == set(start)
+    assert end["decoder.case_head.0.weight"].shape[1] == 4 * start["decoder.pos.weight"].shape[1]  # state + 3 pieces
+    assert all(torch.equal(start[k], end[k]) for k in start), [k for k in start if not torch.equal(start[k], end[k])]
+    val = records(out, "val")
+    chance = math.log(4) + math.log(2)  # the new heads' loss before training (4 case tags, 2 space tags)
+    assert val[-1]["val_surface"] <= val[0]["val_surface"] and val[-1]["val_surface"] < 0.5 * chance, val
+    before, after = InvertibleEmbedder.from_pretrained(uninterrupted / "final"), InvertibleEmbedder.from_pretrained(
+        out / "final")
+    texts = data.read_text().splitlines()[:6]
+    assert after.writes_surface and not before.writes_surface
+    vec = before.encode(texts)
+    assert after.decode_ids(vec, beam_size=4) == before.decode_ids(vec, beam_size=4)
+    for bad, match in ((recipe[:1] + ["train_only=surface"], "surface_heads"),
+                       (recipe[:3] + ["train_only=heads"], "train_only")):
+        p = launch(["--config", TOY, "--data", data, "--out", tmp_path / "bad", *FAST, *bad])
+        assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

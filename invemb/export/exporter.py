@@ -114,7 +114,7 @@ def _wrappers():
             self.decoder = decoder
 
         def forward(self, sentence_embedding, input_ids):
-            case, space = self.decoder.surface_logits(self.decoder.states(sentence_embedding, input_ids))
+            case, space = self.decoder.surface_logits(self.decoder.states(sentence_embedding, input_ids), input_ids)
             return case.float(), space.float()
 
     return Encoder, DecoderInit, DecoderStep, OnePass, Surface

@@ -91,6 +91,8 @@ def data_line(recipe: dict, data: dict | None, run: str) -> str:
 def recipe_line(recipe: dict, recipe_file: str | None, run: str, frozen: bool) -> str:
     r = recipe
     parts = ["feature cache" if r.get("feature_cache") else "live frozen backbone" if frozen else "trained backbone"]
+    if r.get("train_only") == "surface":
+        parts.append("ONLY the surface heads trained (every other weight is the start model's)")
     if r.get("bucket_batches"):
         parts.append("length-bucketed batches")
     parts.append(f"batch {r.get('batch_size')}" + (f" x {r['grad_accum']} accumulated" if r.get("grad_accum", 1) > 1
@@ -164,6 +166,11 @@ def write_card(folder: Path) -> Path:
                      f"{h['steps']} ({h['steps_cumulative']}) | "
                      f"{h.get('epochs_this_run')} | {h['wall_hours']} | {h['cpu_hours']} "
                      f"({h['cpu_hours_cumulative']}) | {tf if tf is None else round(tf, 4)} |")
+    if recipe.get("train_only") == "surface":
+        lines += ["", "val tf top-1: the run's last validation pass against its own decoder targets. The last run "
+                  "trained only the surface heads: the pieces' model is its start model's, and the figure (on targets "
+                  "that spell pieces outside the compact vocabulary, which earlier runs trained as [UNK]) does not "
+                  "compare with the rows above."]
     metrics = last.get("metrics")
     if metrics:
         lines += ["", "## Measured (results/fidelity.md has every table and its command)", ""]

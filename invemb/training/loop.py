@@ -27,7 +27,7 @@ from invemb.text import IGNORE
 from invemb.training.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.training.run_outputs import RunLogger, examples_table, git_hash, make_plots, read_metrics
 from invemb.training.schedule import Schedule
-from invemb.training.targets import add_surface, paraphrase_tensors, training_targets
+from invemb.training.targets import add_surface, freeze_for, paraphrase_tensors, training_targets
 
 KEEP_CHECKPOINTS = 2
 N_EXAMPLES = 12
@@ -103,6 +103,7 @@ class Trainer:
             if self.vocab_ids is not None:
                 model.decoder.set_vocab(self.vocab_ids, model.tokenizer.unk_token_id)
         add_surface(model, cfg, self.train_texts, self.out, self.main)
+        freeze_for(model, cfg)
         self.features = self._feature_cache(model) if cfg.feature_cache else None
         self.factory = lambda: self._fresh_model(model)  # noqa: E731
         self.params_total = sum(p.numel() for p in model.parameters())

@@ -24,7 +24,8 @@ NOT_DATA_KEYS = frozenset({
     "plateau_patience", "plateau_factor", "min_lr", "val_limit", "eval_every", "save_every", "log_every",
     "noise_sigma", "sim_loss_weight", "gumbel_tau", "sim_model", "bertscore_subset", "decode_subset",
     "bertscore_model", "deepspeed_config", "feature_cache", "sampled_softmax", "train_acc_rows", "compact_vocab",
-    "lr_schedule", "warmup_steps", "init_from", "word_dropout", "cpu_bf16", "gpu_bf16", "surface_weight", "model"})
+    "lr_schedule", "warmup_steps", "init_from", "word_dropout", "cpu_bf16", "gpu_bf16", "surface_weight", "train_only",
+    "model"})
 
 
 def data_keys() -> list[str]:

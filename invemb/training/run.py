@@ -134,7 +134,8 @@ def prepare_model_config(cfg: TrainConfig, train: list[str]):
         cfg.model.decoder.output_vocab = init.decoder.output_vocab if cfg.compact_vocab else 0
         a, b = cfg.model.to_dict(), init.to_dict()
         # the recipe may add what the start weights lack: surface heads (new, trained from zero) and spelled numbers
-        grow = {("decoder", "surface_heads"), ("decoder", "spell_numbers")}
+        grow = {("decoder", "surface_heads"), ("decoder", "spell_numbers"), ("decoder", "surface_hidden"),
+                ("decoder", "surface_pieces"), ("decoder", "surface_next")}
         diffs = [f"{part}.{k}: {b[part].get(k)!r} (init_from) vs {a[part][k]!r} (recipe)"
                  for part in ("encoder", "decoder") for k in a[part] if a[part][k] != b[part].get(k)
                  and not ((part, k) in grow and a[part][k] and not b[part].get(k))]

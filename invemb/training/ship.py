@@ -161,7 +161,9 @@ def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = 
             if m:
                 out[f"{name} ({res['n']:,}), {mode}"] = (
                     f"token acc {m['token_acc']:.3f}, exact {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
-                    f"BERTScore {m['bertscore_f1']:.3f} (first {m['scored_n']})")
+                    f"BERTScore {m['bertscore_f1']:.3f} (first {m['scored_n']})"
+                    + (f"; as written: exact {m['raw_exact']:.3f}, cased BLEU {m['cased_bleu']:.1f}"
+                       if "raw_exact" in m else ""))
     tf = metrics["val"].get("teacher_forced", {})
     if tf:
         out["teacher-forced top-1 / top-5 / top-100 (validation)"] = \

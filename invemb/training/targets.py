@@ -17,12 +17,25 @@ def add_surface(model, cfg: TrainConfig, train_texts: list[str], out: Path, main
     """Surface heads the recipe asks for and the start weights lack (new heads), and the written-form table of
     the training headlines (they come first in train_texts), saved into `out` by the main rank."""
     if cfg.model.decoder.surface_heads and not getattr(model.decoder, "has_surface", False):
-        model.decoder.add_surface_heads()
+        d = cfg.model.decoder
+        model.decoder.add_surface_heads(d.surface_hidden, d.surface_pieces, d.surface_next)
     if getattr(model.decoder, "has_surface", False):
         from invemb.surface import build_table, save_table
         model.surface_table = build_table(model.tokenizer, train_texts[:SURFACE_TABLE_TEXTS], model.max_length)
         if main:  # beside the checkpoints: the final model and scripts/ship_model.py read it from here
             save_table(out, model.surface_table)
+
+
+def freeze_for(model, cfg: TrainConfig) -> None:
+    """train_only: "surface" -> only the surface heads keep requires_grad: the pieces the model decodes stay exactly
+    the start model's. The recipe's dropout, word dropout and vector noise still apply to the frozen decoder's states
+    in training: without them the heads learned the training headlines' states by heart (runs/surface1: train tag
+    loss 0.061 and falling, validation flat at 0.125; results/surface_heads.md)."""
+    if cfg.train_only != "surface":
+        return
+    heads = {id(p) for h in (model.decoder.case_head, model.decoder.space_head) for p in h.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in heads)
 
 
 def own_targets(cfg: TrainConfig) -> bool:
