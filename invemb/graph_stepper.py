@@ -83,19 +83,14 @@ ITEM = "_item"  # cache entry (never fed to a graph): the batch item of each cac
 def surface_tags(run: Runner, manifest: dict, vectors: np.ndarray, ids: list[list[int]]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Case / space tags [N,T] of generated ids (no specials; row i: the tags of its ids) from ONE run of the
-    decoder_surface graph: input_ids [N,2+T] = [CLS] + pieces + [SEP], [SEP] after (the decoder is causal and a
-    tag reads at most the piece after its own, so a row's tags do not depend on the longest row of its batch).
-    The torch model's InvertibleEmbedder._surface_tags, over the export."""
+    decoder_surface graph over invemb.surface.tag_rows ([CLS] + pieces + [SEP], [SEP] after). The torch model's
+    InvertibleEmbedder._surface_tags, over the export."""
     from invemb.manifest import SURFACE_GRAPH
+    from invemb.surface import tag_rows
     special = manifest["special_ids"]
-    width = max(1, max((len(r) for r in ids), default=0))
-    # [N,2+T]; no [SEP] column after a row at the position limit (as InvertibleEmbedder._surface_tags)
-    x = np.full((len(ids), min(width + 2, int(manifest["max_length"]))), int(special["eos"]), np.int64)
-    x[:, 0] = int(special["bos"])
-    for i, row in enumerate(ids):
-        x[i, 1:1 + len(row)] = row
+    x, width = tag_rows(ids, int(special["bos"]), int(special["eos"]), int(manifest["max_length"]))  # [N,W]
     out = run(SURFACE_GRAPH, {"sentence_embedding": np.ascontiguousarray(vectors, dtype=np.float32), "input_ids": x},
-              ["case_logits", "space_logits"])  # [N,1+T,4], [N,1+T,2]
+              ["case_logits", "space_logits"])  # [N,W,4], [N,W,2]
     return out["case_logits"][:, 1:1 + width].argmax(-1), out["space_logits"][:, 1:1 + width].argmax(-1)  # [N,T]
 
 

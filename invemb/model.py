@@ -189,15 +189,10 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
 
     @torch.no_grad()
     def _surface_tags(self, vectors: np.ndarray, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(1, max(len(r) for r in ids))
-        # [N,2+T]: [CLS] + pieces + [SEP], [SEP] after: a tag reads at most the piece after its own (the decoder is
-        # causal), so a row's tags never depend on the longest row of its batch (no [SEP] column after a row at
-        # the position limit: training never saw one there either, a cut target has none)
-        x = torch.full((len(ids), min(width + 2, self.max_length)), self.eos_id, dtype=torch.long)
-        x[:, 0] = self.bos_id
-        for i, row in enumerate(ids):
-            x[i, 1:1 + len(row)] = torch.as_tensor(row, dtype=torch.long)
-        case, space = self.decoder.surface_tags(torch.as_tensor(vectors, device=self.device), x.to(self.device))
+        from invemb.surface import tag_rows
+        x, width = tag_rows(ids, self.bos_id, self.eos_id, self.max_length)  # [N,W]: [CLS] + pieces + [SEP]
+        case, space = self.decoder.surface_tags(torch.as_tensor(vectors, device=self.device),
+                                                torch.as_tensor(x, device=self.device))
         return case[:, 1:1 + width].cpu().numpy(), space[:, 1:1 + width].cpu().numpy()  # [N,T]
 
     def decoder_targets(self, texts: Sequence[str], practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:

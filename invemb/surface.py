@@ -100,6 +100,20 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
     return ids + [tokenizer.sep_token_id], case + [NO_TAG], space + [NO_TAG]
 
 
+def tag_rows(ids: Sequence[Sequence[int]], bos: int, eos: int, max_length: int) -> tuple[np.ndarray, int]:
+    """Generated ids (rows without specials) -> the tagging pass's input_ids int64 [N,W] = [CLS] + pieces + [SEP],
+    [SEP] after, and T = the longest row (row i's tags are columns 1..len(row)). A tag reads at most the piece after
+    its own (the decoder is causal), so a row's tags never depend on the longest row of its batch. W = min(T + 2,
+    max_length): no [SEP] column after a row at the position limit (training never saw one there: a cut target has
+    none). InvertibleEmbedder._surface_tags and invemb.graph_stepper.surface_tags both build their input here."""
+    width = max(1, max((len(r) for r in ids), default=0))
+    x = np.full((len(ids), min(width + 2, max_length)), eos, np.int64)  # [N,W]
+    x[:, 0] = bos
+    for i, row in enumerate(ids):
+        x[i, 1:1 + len(row)] = row
+    return x, width
+
+
 def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None,
                     spell_numbers: bool = False, practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
     """Cleaned texts -> the decoder's targets, padded: ids int32 [B,T] ([CLS] pieces [SEP], pad 0), mask int8 [B,T],
