@@ -2,10 +2,12 @@
 
     invemb roundtrip "Oil prices fall as OPEC output rises"          # the shipped model (models/)
     invemb encode    [--checkpoint DIR] --input headlines.txt --output vectors.npy
-    invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4] [--rerank]
+    invemb decode    [--checkpoint DIR] --input vectors.npy [--output texts.txt] [--beam-size 4] [--rerank MODE]
     invemb evaluate  [--checkpoint DIR] [--data PATH] [--limit 500] [--output metrics.json]
     (decode / roundtrip / evaluate: texts as written, case and spacing from the model's surface heads;
-     --normalized: the lower-cased WordPiece text, the form of models without them)
+     --normalized: the lower-cased WordPiece text, the form of models without them; --rerank auto (default):
+     the beam's candidates scored within a margin of the best are re-encoded and the closest vector wins,
+     --rerank / --rerank all: every candidate, --rerank off: the beam's best)
     invemb pipeline  [--data PATH] [--out runs/pipeline]      # train -> evaluate -> export -> serve -> roundtrip
 
 Bad input (missing files, empty texts, wrong vector width, NaN/Inf, unknown model) prints one line
@@ -101,8 +103,9 @@ def cmd_evaluate(args) -> None:
     model = _load(args)
     beams = tuple(int(b) for b in args.beam_sizes.split(","))
     result = evaluate(model, texts, beams, batch_size=args.batch_size,
-                      scorer=None if args.scorer == "none" else args.scorer, noise_sigma=args.noise, progress=True)
-    result.update(checkpoint=str(args.checkpoint or "shipped"), split=args.split)
+                      scorer=None if args.scorer == "none" else args.scorer, noise_sigma=args.noise, progress=True,
+                      rerank=args.rerank)
+    result.update(checkpoint=str(args.checkpoint or "shipped"), split=args.split, rerank=args.rerank)
     result.pop("_hyps", None), result.pop("_written", None)
     if args.normalized:  # examples in the normalised form only (the metrics keep both forms)
         result["examples"] = [{k: v for k, v in ex.items() if not k.endswith("(written)")}
@@ -129,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "as written (case and spacing from the model's surface heads)"):
         sp.add_argument("--normalized", action="store_true", help=help_text)
 
+    def rerank(sp):
+        from invemb.embedder import RERANK_MARGIN, parse_rerank
+        sp.add_argument("--rerank", nargs="?", const="all", default="auto", type=parse_rerank, metavar="MODE",
+                        help="re-rank the beam's candidates by re-encoding them (closest vector wins; beam > 1): "
+                             f"auto (default: the candidates scored within {RERANK_MARGIN} of the best), all (also "
+                             "bare --rerank), off (the beam's best), or a score margin")
+
     sp = common(sub.add_parser("encode", help="texts file (.txt/.csv) -> vectors .npy"))
     sp.add_argument("--input", required=True)
     sp.add_argument("--output", required=True)
@@ -137,16 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True)
     sp.add_argument("--output")
     sp.add_argument("--beam-size", type=int, default=4)
-    sp.add_argument("--rerank", action="store_true",
-                    help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
+    rerank(sp)
     normalized(sp)
     sp.set_defaults(func=cmd_decode)
     sp = common(sub.add_parser("roundtrip", help="text -> vector -> text, side by side"))
     sp.add_argument("texts", nargs="*")
     sp.add_argument("--input")
     sp.add_argument("--beam-size", type=int, default=4)
-    sp.add_argument("--rerank", action="store_true",
-                    help="re-rank the beam's candidates by re-encoding them (closest vector wins; needs beam > 1)")
+    rerank(sp)
     normalized(sp)
     sp.set_defaults(func=cmd_roundtrip)
     sp = common(sub.add_parser("evaluate", help="checkpoint + data -> metrics JSON + table"))
@@ -158,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--noise", type=float, default=0.0, help="sigma of N(0, sigma*rms(v)) added to vectors")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--output", help="metrics JSON path")
+    rerank(sp)
     normalized(sp, "examples: only the lower-cased WordPiece texts (default: also as written, for a model with "
                    "surface heads; the metrics give both forms either way)")
     sp.set_defaults(func=cmd_evaluate)

@@ -38,10 +38,11 @@ def teacher_forced(model, texts: list[str], batch_size: int = 64) -> dict[str, f
 
 def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, scorer: str | None = DEFAULT_SCORER,
              paraphrase_model: str | None = None, noise_sigma: float = 0.0, seed: int = 0, n_examples: int = 10,
-             progress: bool = False, with_teacher_forced: bool = True, decoder=None) -> dict:
+             progress: bool = False, with_teacher_forced: bool = True, decoder=None, rerank="auto") -> dict:
     """Full metric set on `texts`. `scorer=None` skips BERTScore and paraphrase cosine (fast). `decoder`: what
-    decodes the vectors (anything with decode_ids, e.g. an OnnxEmbedder of the same model's export; default the
-    model itself); encoding, references and teacher forcing stay the model's."""
+    decodes the vectors (an EmbedderBase, e.g. an OnnxEmbedder of the same model's export; default the model
+    itself), with decode's re-ranking `rerank` (default "auto": what users get); encoding, references and teacher
+    forcing stay the model's."""
     decoder = decoder or model
     texts = clean_texts(texts)  # the originals as the encoder reads them (whitespace collapsed)
     refs = model.reference_texts(texts)
@@ -60,7 +61,7 @@ def evaluate(model, texts: list[str], beam_sizes=(1, 4), batch_size: int = 64, s
         ids: list[list[int]] = []
         written: list[str] = []
         for i in range(0, len(vectors), batch_size):
-            part = decoder.decode_ids(vectors[i:i + batch_size], beam_size=beam)
+            part = decoder.default_ids(vectors[i:i + batch_size], beam_size=beam, rerank=rerank)
             ids.extend(part)
             # case / space tags: the model's own teacher-forced pass over the decoder's ids (same ids, both forms)
             written.extend(model.texts(vectors[i:i + batch_size], part, normalized=False))

@@ -75,8 +75,10 @@ def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int =
 
 
 def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_size: int = 64) -> list[dict]:
-    """Per beam size: the beam's best hypothesis vs its n-best re-ranked by re-encoding (roundtrip_choice), both
-    from ONE search (the first of the n-best is what decode() returns)."""
+    """Per beam size: the beam's best hypothesis, decode's default re-ranking ("auto": the candidates scored within
+    RERANK_MARGIN of the best or with other numbers re-encoded) and every candidate re-encoded (roundtrip_choice), all from ONE search
+    (the first of the n-best is the search's best); encodes = candidates re-encoded per headline."""
+    from invemb.embedder import RERANK_MARGIN
     dec = decoder or model
     vectors = dec.encode(texts)
     rows = []
@@ -86,13 +88,16 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
         for i in range(0, len(vectors), batch_size):
             nbest.extend(dec.decode_nbest(vectors[i:i + batch_size], beam_size=beam))
         t_search = time.time() - t0
-        picks = {"": [0] * len(nbest), " + rerank": dec.roundtrip_choice(vectors, nbest)}
-        t_rerank = time.time() - t0 - t_search
-        for name, pick in picks.items():
+        for name, margin in (("", 0.0), (" + rerank auto (default)", RERANK_MARGIN), (" + rerank all", np.inf)):
+            t1 = time.time()
+            pick = dec.roundtrip_choice(vectors, nbest, margin) if margin > 0 else [0] * len(nbest)
+            t_rerank = time.time() - t1
+            within = dec.rerank_rivals(nbest, margin)[0] if margin > 0 else [[]]
             r = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts, vectors)
             r.pop("hyps")
             rows.append({"decode": f"beam{beam}{name}", "n": len(texts), **r,
-                         "seconds": round(t_search + (t_rerank if name else 0.0), 1)})
+                         "encodes": float(np.mean([len(r) for r in within])),
+                         "seconds": round(t_search + t_rerank, 1)})
     return rows
 
 

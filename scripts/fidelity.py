@@ -163,6 +163,8 @@ def main(argv=None) -> int:
         res["decoder_check"] = stage("ORT vs PyTorch texts", check)
     res["decoder"] = ("ONNX Runtime fp32 export of the model (top-k graphs, the core search)" if decoder
                       else "PyTorch (the model itself)")
+    from invemb.embedder import RERANK_MARGIN
+    res["rerank_margin"] = RERANK_MARGIN  # decode's default ("auto"), what the beam rows below measure
     scorer = args.scorer or None
     beams = tuple(int(b) for b in args.beams.split(","))
     res["val"] = stage("validation", lambda: full_evaluation(model, val, beams, scorer, args.score_limit,
@@ -243,7 +245,11 @@ def render(res: dict, seconds: float) -> str:
              f"table). BERTScore: {val.get('bertscore')}; paraphrase cosine: all-mpnet-base-v2.", "",
              f"Decoded by: {res.get('decoder', 'PyTorch (the model itself)')}"
              + (f"; its beam-4 texts equal PyTorch's on {res['decoder_check']['same_text_rate']:.1%} of the first "
-                f"{res['decoder_check']['n']} validation headlines." if res.get("decoder_check") else "."), "",
+                f"{res['decoder_check']['n']} validation headlines." if res.get("decoder_check") else ".")
+             + (f" Beam rows are decode's default: the beam's candidates scored within {res['rerank_margin']} of the "
+                "best are re-encoded and the one closest to the vector is kept (`rerank` auto; see the re-ranking "
+                "table); greedy has no candidates to re-rank." if "rerank_margin" in res else
+                " Beam rows are the beam's best (no re-ranking)."), "",
              "## Validation split and new headlines", ""]
     cols = ["set", "decode", "n", "token_acc", "exact_match", "bleu", "raw_exact", "caseless_exact", "cased_bleu",
             "bertscore_f1", "paraphrase_cos", "scored_n"]
@@ -266,12 +272,14 @@ def render(res: dict, seconds: float) -> str:
         rr = res["rerank"]
         lines += ["", f"## Round-trip re-ranking ({rr[0]['n']} validation headlines)", "",
                   "The beam's finished hypotheses (as many as the beam size) are re-encoded and the one whose vector "
-                  "is closest (cosine) to the given vector is kept (`decode(..., rerank=True)`, `invemb decode "
-                  "--rerank`): the decoder's likelihood favours frequent phrasings, the encoder checks which "
-                  "candidate says what the vector says. Cost: one encode per candidate. Both rows of a beam size come "
-                  "from one search (its best hypothesis / the re-ranked choice); seconds include the search.", ""]
+                  "is closest (cosine) to the given vector is kept: the decoder's likelihood favours frequent "
+                  "phrasings, the encoder checks which candidate says what the vector says. `rerank auto` (decode's "
+                  "default) re-encodes only the candidates scored within the margin of the best (rows with no such "
+                  "rival are not re-encoded); `rerank all` (`decode(..., rerank=True)`, `invemb decode --rerank`) "
+                  "every one. encodes = candidates re-encoded per headline. The rows of a beam size come from one "
+                  "search; seconds include the search.", ""]
         lines += _table(rr, ["decode", "token_acc", "exact_match", "bleu", "raw_exact", "cased_bleu", "number_recall",
-                             "name_recall", "facts_all_right", "seconds"])
+                             "name_recall", "facts_all_right", "encodes", "seconds"])
     if "int8" in res:
         i8 = res["int8"]
         lines += ["", f"## ONNX Runtime int8 variant vs fp32 ({i8['n']} validation headlines, beam 4)", ""]

@@ -22,6 +22,14 @@ def test_encode_decode_roundtrip(toy_checkpoint, toy_model, headlines32, tmp_pat
     assert main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"), "--rerank",
                  "--beam-size", "3", "--output", str(tmp_path / "rr.txt")]) == 0
     assert (tmp_path / "rr.txt").read_text().splitlines() == toy_model.decode(v, beam_size=3, rerank=True)
+    for mode, want in (("off", "off"), ("0.05", 0.05), ("auto", "auto")):
+        assert main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"), "--rerank",
+                     mode, "--beam-size", "3", "--output", str(tmp_path / "rr.txt")]) == 0
+        assert (tmp_path / "rr.txt").read_text().splitlines() == toy_model.decode(v, beam_size=3, rerank=want)
+    with pytest.raises(SystemExit) as e:
+        main(["decode", "--checkpoint", str(toy_checkpoint), "--input", str(tmp_path / "v.npy"), "--rerank", "-1"])
+    assert e.value.code == 2 and "--rerank: expected auto, all, off or a score margin >= 0, got '-1'" in \
+        capsys.readouterr().err
     capsys.readouterr()
     assert main(["roundtrip", "--checkpoint", str(toy_checkpoint), headlines32[0]]) == 0
     out = capsys.readouterr().out

@@ -160,7 +160,7 @@ def noisy(reference, toy_model):
     from invemb.losses import add_vector_noise
     v = np.asarray(add_vector_noise(reference["vectors"][:16], 0.6, seed=0), dtype=np.float32)
     want = toy_model.decode(v, beam_size=4, rerank=True)
-    assert want != toy_model.decode(v, beam_size=4)
+    assert want != toy_model.decode(v, beam_size=4, rerank="off")
     return v, want
 
 
@@ -170,6 +170,29 @@ def test_rerank_on_the_server_and_in_the_client_equals_in_process(client, noisy,
     assert client.decode(v, beam_size=4, batch_size=5, rerank=True) == want  # beam_search re-encodes them
     assert client.decode(v, beam_size=4, batch_size=5, rerank=True, mode="client", manifest=manifest,
                          tokenizer=tokenizer) == want  # the search here, the encoder model on the server
+
+
+def test_rerank_modes_on_the_server_equal_in_process(client, noisy, toy_model):
+    """beam_search's default (no rerank input: default_rerank auto), rerank_margin and rerank=false answer what the
+    in-process decode gives with the same mode; a negative margin is that request's INVALID_ARGUMENT (a bad
+    mode in the client: ClientError before any request), and the server answers the next request."""
+    from invemb.embedder import RERANK_MARGIN
+    from invemb.serving.client import ClientError
+    v = noisy[0]
+    nbest = toy_model.decode_nbest(v, beam_size=4)
+    margin = float(np.median([h[0].score - h[1].score for h in nbest]))  # some rows compare, some do not
+    for mode in (None, margin, "off"):
+        want = toy_model.decode(v, beam_size=4, rerank="auto" if mode is None else mode)
+        assert client.decode(v, beam_size=4, batch_size=5, rerank=mode) == want, mode
+    assert client.decode(v, beam_size=4, rerank="auto") == toy_model.decode(v, beam_size=4, rerank=RERANK_MARGIN)
+    bad = {"sentence_embedding": v[:2], "rerank_margin": np.full((2, 1), -1.0, np.float32)}
+    good = {"sentence_embedding": v[2:4]}
+    with pytest.raises(ClientError, match="rerank_margin must be >= 0"):
+        client.infer_many("beam_search", [bad], ["text"])
+    assert [t.decode() for t in client.infer_many("beam_search", [good], ["text"])[0]["text"].reshape(-1)] == \
+        toy_model.decode(v[2:4], beam_size=4)
+    with pytest.raises(ClientError, match="rerank must be"):
+        client.decode(v, rerank=-1)
 
 
 @pytest.mark.parametrize("beam_size,max_length", [(1, None), (3, 6)])

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from invemb.embedder import rerank_margin
 from invemb.errors import InvembError
 from invemb.limits import MAX_BATCH_SIZE, MAX_TEXT_CHARS, MAX_VECTOR_ABS
 from invemb.serving.checks import problems_message, relabel, text_problems, vector_problems
@@ -290,12 +291,14 @@ class TritonClient:
 
     def decode(self, vectors: np.ndarray, beam_size: int = 4, max_length: int | None = None, batch_size: int = 16,
                max_in_flight: int = 4, progress: bool = False, mode: str = "server",
-               manifest: dict | None = None, tokenizer=None, rerank: bool = False, label=None,
+               manifest: dict | None = None, tokenizer=None, rerank=None, label=None,
                normalized: bool = False, surface_table: dict | None = None) -> list[str]:
         """Vectors [N,S] -> texts. mode "server": the `beam_search` model; "client": the core's beam search here
         over decoder_init/decoder_step (needs the export's manifest and tokenizer). rerank: the beam's n-best
-        re-ranked by re-encoding them (server mode: the `rerank` input of beam_search; client mode: the search
-        here, the candidates encoded by the server's `encoder` model). Texts are as written for a model with
+        re-ranked by re-encoding them, as EmbedderBase.decode's rerank ("auto", "all" / True, "off" / False, a
+        margin); None: the server's default_rerank (client mode: "auto"). Server mode: the `rerank` /
+        `rerank_margin` inputs of beam_search; client mode: the search here, the candidates encoded by the
+        server's `encoder` model. Texts are as written for a model with
         surface heads (server: output `text`; client mode: the served `decoder_surface` model, with the export's
         surface_table = invemb.manifest.load_export_surface(folder, manifest)); normalized=True: the lower-cased
         WordPiece text (output `normalized_text`)."""
@@ -307,6 +310,11 @@ class TritonClient:
         if mode == "client" and (manifest is None or tokenizer is None):
             raise ClientError("client-side decoding needs the export's manifest and tokenizer (--export DIR)")
         self.check_vectors(vectors, label)
+        if rerank is not None:
+            try:
+                margin = rerank_margin(rerank)
+            except ValueError as e:
+                raise ClientError(str(e)) from None
         top = self.limits()["max_beam_size"]
         if not 1 <= beam_size <= top:
             raise ClientError(f"beam size must be in [1, {top}] (the server's max_beam_size), got {beam_size}")
@@ -318,8 +326,9 @@ class TritonClient:
                                        rerank, normalized, surface_table)
         requests = []
         for c in chunks:
-            feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32),
-                     "rerank": np.full((len(c), 1), bool(rerank))}
+            feeds = {"sentence_embedding": c, "beam_size": np.full((len(c), 1), beam_size, np.int32)}
+            if rerank is not None:  # else the server's default_rerank
+                feeds["rerank_margin"] = np.full((len(c), 1), margin, np.float32)
             if max_length is not None:
                 feeds["max_length"] = np.full((len(c), 1), max_length, np.int32)
             requests.append(feeds)
@@ -329,7 +338,7 @@ class TritonClient:
         return [t.decode("utf-8") for o in out for t in o[name].reshape(-1)]
 
     def _decode_client(self, chunks, beam_size, max_length, max_in_flight, progress, manifest, tokenizer,
-                       rerank=False, normalized=False, surface_table=None):
+                       rerank=None, normalized=False, surface_table=None):
         from tqdm.auto import tqdm
 
         from invemb.generation import generate
@@ -341,13 +350,14 @@ class TritonClient:
             raise ClientError("client-side decoding of a model with surface heads needs the export's surface table "
                               "(surface.json of --export DIR), or normalized text (--normalized)")
         cfg = generation_config(manifest, beam_size, max_length)
+        margin = rerank_margin("auto" if rerank is None else rerank)
         # texts of a chunk: as written through the served decoder_surface model (one call), or normalised
         emb = GraphEmbedder(self.run_graph, manifest, tokenizer, surface_table=surface_table)
 
         def one(chunk: np.ndarray) -> list[str]:
             chunk = check_vectors(manifest, chunk)
-            if rerank and beam_size > 1:  # the search here, candidates re-encoded by the server's encoder model
-                ids = emb.rerank_ids(chunk, beam_size, max_length)
+            if margin > 0 and beam_size > 1:  # the search here, candidates re-encoded by the server's encoder model
+                ids = emb.rerank_ids(chunk, beam_size, max_length, margin=margin)
             else:
                 ids = [h.tokens for h in generate(grpc_stepper(self, manifest, chunk), cfg)]
             return emb.texts(chunk, ids, normalized)

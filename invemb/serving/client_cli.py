@@ -126,8 +126,11 @@ def parser() -> argparse.ArgumentParser:
                        help="lower-cased WordPiece text (the tokenizer's form) instead of the text as written "
                             "(models with surface heads)")
         if name == "decode":
-            p.add_argument("--rerank", action="store_true",
-                           help="re-rank the beam's candidates by re-encoding them (closest vector wins)")
+            from invemb.embedder import parse_rerank
+            p.add_argument("--rerank", nargs="?", const="all", default=None, type=parse_rerank, metavar="MODE",
+                           help="re-rank the beam's candidates by re-encoding them (closest vector wins): auto, all "
+                                "(also bare --rerank), off, or a score margin; default: the server's default_rerank "
+                                "(auto in this repository; --mode client: auto)")
     for p in subs:  # also after the command (SUPPRESS: not given there, the value before it stays)
         p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                        help="continue an interrupted job from its written chunks")

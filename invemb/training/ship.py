@@ -174,7 +174,7 @@ def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = 
             f"same text {int8.get('same_text_rate', float('nan')):.3f}; BLEU {int8['int8']['bleu']:.1f} vs "
             f"{int8['fp32']['bleu']:.1f}")
     for row in metrics.get("rerank") or []:  # the n-best re-ranked by re-encoding (decode(..., rerank=True))
-        if row["decode"].endswith("rerank"):
+        if row["decode"].endswith(("rerank", "rerank all")):
             out[f"validation ({row['n']:,}), {row['decode']}"] = (
                 f"token acc {row['token_acc']:.3f}, exact {row['exact_match']:.3f}, BLEU {row['bleu']:.1f}")
     return out

@@ -17,9 +17,11 @@ EmbedderBase.texts), else the normalised text too. Parameter `decoder_runner`:
   bls - one `pb_utils.InferenceRequest(...).exec()` per step to the decoder models (what a deployment wants when
       those models run elsewhere, e.g. on a GPU instance group, while the search runs on CPU).
 Optional inputs, one value per request: `beam_size` and `max_length` (int32; defaults: parameter `default_beam_size`,
-the manifest's generation max length) and `rerank` (bool; default: parameter `default_rerank`): re-rank the beam's
-n-best by re-encoding each candidate with the `encoder` graph and keeping the one closest to the vector (the core's
-EmbedderBase.roundtrip_choice, through invemb.graph_stepper.GraphEmbedder).
+the manifest's generation max length), `rerank` (bool: true re-ranks every candidate, false none) and `rerank_margin`
+(fp32 >= 0: re-rank the candidates scored within it of the best; wins over `rerank`); default: parameter
+`default_rerank` (auto = the core's RERANK_MARGIN, all, off, or a margin). Re-ranking re-encodes the beam's n-best
+with the `encoder` graph and keeps the one closest to the vector (the core's EmbedderBase.roundtrip_choice, through
+invemb.graph_stepper.GraphEmbedder).
 Requests the dynamic batcher hands over together with the same settings share one search. Parameter
 `search_workers` (default 2, onnxruntime runner): that search's rows are decoded in up to that many slices at once,
 in threads of this instance (the core's invemb.generation.split_search; same texts): a lone request uses both cores
@@ -95,7 +97,14 @@ class TritonPythonModel:
         cache_plan(self.manifest)  # fails now (clear message) if the export has no decoder_init/decoder_step
         self.default_beam = int(model_param(config, "default_beam_size", 4))
         self.max_beam = int(model_param(config, "max_beam_size", 8))
-        self.default_rerank = model_param(config, "default_rerank", "false").lower() in ("1", "true", "yes")
+        from invemb.embedder import rerank_margin
+        given = model_param(config, "default_rerank", "auto").strip().lower()
+        given = {"true": "all", "1": "all", "yes": "all", "false": "off", "0": "off", "no": "off"}.get(given, given)
+        try:
+            self.default_margin = rerank_margin(given if given in ("auto", "all", "off") else float(given))
+        except ValueError:
+            raise ValueError(f"parameter default_rerank must be auto, all, off or a margin >= 0, got {given!r}") \
+                from None
         self.runner_kind = model_param(config, "decoder_runner", "onnxruntime")
         workers = model_param(config, "search_workers", "2")
         if not workers.isdigit() or int(workers) < 1:
@@ -151,8 +160,8 @@ class TritonPythonModel:
         finally:
             self.cores.release(taken[:keep])
 
-    def _settings(self, request) -> tuple[np.ndarray | list[str], int, int | None, bool]:
-        """Validated (vectors [B,S] or cleaned texts, beam_size, max_length, rerank) of one request; InvembError
+    def _settings(self, request) -> tuple[np.ndarray | list[str], int, int | None, float]:
+        """Validated (vectors [B,S] or cleaned texts, beam_size, max_length, rerank margin) of one request; InvembError
         when bad. Texts are encoded later, one encoder call per group of requests (execute)."""
         from invemb.errors import InvembError
         from invemb.manifest import check_vectors, generation_config
@@ -167,14 +176,14 @@ class TritonPythonModel:
         else:
             vectors = check_vectors(self.manifest, given["sentence_embedding"].as_numpy())
 
-        def scalar(name: str):
+        def scalar(name: str, kind=int):
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
                 return None
             values = np.unique(t.as_numpy())
             if values.size != 1:
                 raise InvembError(f"{name} must hold one value per request, got {values.tolist()[:5]}")
-            return int(values[0])
+            return kind(values[0])
 
         beam = scalar("beam_size")
         beam = self.default_beam if beam is None else beam
@@ -182,8 +191,12 @@ class TritonPythonModel:
             raise InvembError(f"beam_size must be in [1, {self.max_beam}], got {beam}")
         max_length = scalar("max_length")
         generation_config(self.manifest, beam, max_length)  # validates max_length
-        rerank = scalar("rerank")
-        return vectors, beam, max_length, self.default_rerank if rerank is None else bool(rerank)
+        rerank, margin = scalar("rerank"), scalar("rerank_margin", float)
+        if margin is not None and not margin >= 0:  # NaN too
+            raise InvembError(f"rerank_margin must be >= 0, got {margin}")
+        if margin is None:
+            margin = self.default_margin if rerank is None else float("inf") if rerank else 0.0
+        return vectors, beam, max_length, margin
 
     def execute(self, requests):
         from invemb.errors import InvembError
@@ -193,14 +206,14 @@ class TritonPythonModel:
         groups: dict[tuple, list[tuple[int, np.ndarray | list[str]]]] = {}
         for r, request in enumerate(requests):
             try:
-                vectors, beam, max_length, rerank = self._settings(request)
-                groups.setdefault((beam, max_length, rerank and beam > 1), []).append((r, vectors))
+                vectors, beam, max_length, margin = self._settings(request)
+                groups.setdefault((beam, max_length, margin if beam > 1 else 0.0), []).append((r, vectors))
             except InvembError as e:
                 responses[r] = pb_utils.InferenceResponse(error=invalid_arg(f"beam_search: {e}"))
             except Exception as e:  # noqa: BLE001
                 responses[r] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"beam_search: {type(e).__name__}: {str(e)[:300]}"))
-        for (beam, max_length, rerank), members in groups.items():
+        for (beam, max_length, margin), members in groups.items():
             try:
                 texts = [t for _, v in members if isinstance(v, list) for t in v]  # every source_text row
                 encoded = self.embedder.encode(texts) if texts else None  # [T,S], one call for the group
@@ -212,10 +225,10 @@ class TritonPythonModel:
                     else:
                         parts.append(v)
                 vectors = np.concatenate(parts)  # [sum B, S]
-                if rerank:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
+                if margin > 0:  # the n-best, re-ranked by re-encoding (the core's choice, the encoder graph here)
                     cfg = generation_config(self.manifest, beam, max_length, num_return=beam)
                     nbest = self._search(self.embedder.nbest_search, vectors, cfg)
-                    hyps = [h[i] for h, i in zip(nbest, self.embedder.roundtrip_choice(vectors, nbest))]
+                    hyps = [h[i] for h, i in zip(nbest, self.embedder.roundtrip_choice(vectors, nbest, margin))]
                 else:  # the core's search, its rows split over the free cores
                     hyps = self._search(self.embedder.search, vectors,
                                         generation_config(self.manifest, beam, max_length))
