@@ -189,16 +189,18 @@ class EmbedderBase:
         nbest = self.decode_nbest(v, beam_size, max_length, **kw)
         return [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, self.roundtrip_choice(v, nbest, margin))]
 
-    def rerank_rivals(self, nbest: list[list[Hypothesis]], margin: float) -> tuple[list[list[int]], list[list[str]]]:
+    def rerank_rivals(self, nbest: list[list[Hypothesis]], margin: float, numbers: bool = True
+                      ) -> tuple[list[list[int]], list[list[str]]]:
         """Per row of an n-best: the indices of the hypotheses to compare by re-encoding -- those scored within
-        `margin` of the row's best and those whose numbers differ from the best's (invemb.facts.number_keys), the
-        best included; [] when there is nothing to compare -- and their normalised texts."""
+        `margin` of the row's best and (numbers=True; False only for studies) those whose numbers differ from the
+        best's (invemb.facts.number_keys), the best included; [] when there is nothing to compare -- and their
+        normalised texts."""
         from invemb.facts import number_keys
         rivals, texts = [], []
         for hyps in nbest:
             t = self.detokenize([h.tokens for h in hyps])
             r = [i for i, h in enumerate(hyps) if hyps[0].score - h.score <= margin]
-            if len(r) < len(hyps) and any(c.isdigit() for c in "".join(t)):  # numbers only where digits are
+            if numbers and len(r) < len(hyps) and any(c.isdigit() for c in "".join(t)):  # numbers only where digits are
                 keys = [sorted(number_keys(x)) for x in t]
                 r = sorted(set(r) | {i for i in range(len(hyps)) if keys[i] != keys[0]})
             rivals.append(r if len(r) > 1 else [])

@@ -101,6 +101,37 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
     return rows
 
 
+def rerank_sweep(model, texts: list[str], margins=(0.01, 0.015, 0.02, 0.03, 0.05), beam: int = 4, decoder=None,
+                 batch_size: int = 64) -> list[dict]:
+    """decode's re-ranking at each margin, with and without the numbers rule (EmbedderBase.rerank_rivals), beside
+    the beam's best and every candidate: one search, every candidate encoded once, each arm picking the closest
+    vector among its rivals. encodes = candidates an arm re-encodes per headline (its cost)."""
+    dec = decoder or model
+    vectors = dec.encode(texts)  # [N,S]
+    nbest = []
+    for i in range(0, len(vectors), batch_size):
+        nbest.extend(dec.decode_nbest(vectors[i:i + batch_size], beam_size=beam))
+    every, cand = dec.rerank_rivals(nbest, np.inf, numbers=False)
+    enc = dec.encode([t or "[UNK]" for ts in cand for t in ts])  # [sum n_i, S]
+    enc /= np.linalg.norm(enc, axis=1, keepdims=True) + 1e-12
+    unit = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
+    starts = np.cumsum([0] + [len(r) for r in every])
+    cos = [enc[a:b] @ unit[row] for row, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]  # [n_i] per row
+    for row, ts in enumerate(cand):
+        cos[row][[not t for t in ts]] = -np.inf
+    arms = [("beam only", 0.0, False)] + [(f"margin {m:g}{' + numbers' if n else ''}", m, n)
+                                          for m in margins for n in (False, True)] + [("every candidate", np.inf, False)]
+    rows = []
+    for name, margin, numbers in arms:
+        rivals = dec.rerank_rivals(nbest, margin, numbers)[0] if margin > 0 else [[] for _ in nbest]
+        pick = [r[int(np.argmax(cos[row][r]))] if r else 0 for row, r in enumerate(rivals)]
+        m = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts, vectors)
+        m.pop("hyps")
+        rows.append({"arm": name, "margin": margin, "numbers": numbers, "n": len(texts),
+                     "encodes": float(np.mean([len(r) for r in rivals])), **m})
+    return rows
+
+
 def noise_study(model, texts: list[str], sigmas=(0.0, 0.05, 0.1, 0.2, 0.5), beam_size: int = 1,
                 decoder=None) -> list[dict]:
     vectors = model.encode(texts)

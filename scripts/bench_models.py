@@ -1,12 +1,14 @@
 """Beam-4 decode speed of two models in ONE run (a new model against the one it replaces), in process, ONNX
 Runtime with the int8 variant (int8 encoder + top-k decoder graphs), one thread: the `ort_int8` arm of
 scripts/bench_export.py. Each round times every arm once (a slow spell of a shared machine hits every arm); the
-best round of each arm is kept. A model with surface heads is timed as users get it (the text as written: the
-search + one decoder_surface pass) and with normalized=True (the search alone).
+best round of each arm is kept. The old model decodes as its default did (the beam's best); the new one as users get
+it (decode's defaults: re-ranking "auto", the text as written: the search, the re-encoded rivals, one
+decoder_surface pass), at each of --margins, with re-ranking off and with normalized=True (the search alone).
 
     git show HEAD~1:models/invemb-minilm-s768/model.safetensors ...   # the old model into a folder (see --help)
     python scripts/bench_models.py --new models/invemb-minilm-s768 --old runs/old_model \
-        --data ../shared/data/financial-news-headlines --n 64 --rounds 5 --out results/bench_models
+        --data ../shared/data/financial-news-headlines --n 256 --rounds 5 --margins 0.01 0.03 \
+        --out results/bench_models
 
 Writes <out>.md and <out>.json (machine, versions, command).
 """

@@ -247,8 +247,8 @@ def render(res: dict, seconds: float) -> str:
              + (f"; its beam-4 texts equal PyTorch's on {res['decoder_check']['same_text_rate']:.1%} of the first "
                 f"{res['decoder_check']['n']} validation headlines." if res.get("decoder_check") else ".")
              + (f" Beam rows are decode's default: the beam's candidates scored within {res['rerank_margin']} of the "
-                "best are re-encoded and the one closest to the vector is kept (`rerank` auto; see the re-ranking "
-                "table); greedy has no candidates to re-rank." if "rerank_margin" in res else
+                "best, or whose numbers differ from the best's, are re-encoded and the one closest to the vector is "
+                "kept (`rerank` auto; see the re-ranking table); greedy has no candidates to re-rank." if "rerank_margin" in res else
                 " Beam rows are the beam's best (no re-ranking)."), "",
              "## Validation split and new headlines", ""]
     cols = ["set", "decode", "n", "token_acc", "exact_match", "bleu", "raw_exact", "caseless_exact", "cased_bleu",
@@ -274,8 +274,8 @@ def render(res: dict, seconds: float) -> str:
                   "The beam's finished hypotheses (as many as the beam size) are re-encoded and the one whose vector "
                   "is closest (cosine) to the given vector is kept: the decoder's likelihood favours frequent "
                   "phrasings, the encoder checks which candidate says what the vector says. `rerank auto` (decode's "
-                  "default) re-encodes only the candidates scored within the margin of the best (rows with no such "
-                  "rival are not re-encoded); `rerank all` (`decode(..., rerank=True)`, `invemb decode --rerank`) "
+                  "default) re-encodes only the candidates scored within the margin of the best or whose numbers "
+                  "differ from the best's (rows with no such rival are not re-encoded); `rerank all` (`decode(..., rerank=True)`, `invemb decode --rerank`) "
                   "every one. encodes = candidates re-encoded per headline. The rows of a beam size come from one "
                   "search; seconds include the search.", ""]
         lines += _table(rr, ["decode", "token_acc", "exact_match", "bleu", "raw_exact", "cased_bleu", "number_recall",

@@ -127,3 +127,21 @@ def test_a_candidate_with_other_numbers_is_compared_however_low_its_score(toy_mo
     encoded.clear()
     same = [[nbest[0][0], nbest[0][2]]]  # no number differs, nothing within the margin: no encode, the best kept
     assert toy_model.roundtrip_choice(vector, same, margin=0.5) == [0] and encoded == []
+
+
+def test_the_margin_sweep_scores_what_decode_returns_at_each_margin(undertrained, headlines32):
+    """invemb.fidelity.rerank_sweep (scripts/sweep_rerank.py) encodes every candidate once and lets each arm pick:
+    its texts must be decode's at the same setting, and its encodes what rerank_rivals re-encodes."""
+    from invemb.fidelity import rerank_sweep, score_ids
+    model = undertrained
+    vecs = model.encode(headlines32)
+    nbest = model.decode_nbest(vecs, beam_size=4)
+    margin = float(np.median([h[0].score - h[1].score for h in nbest]))
+    rows = {r["arm"]: r for r in rerank_sweep(model, headlines32, (margin,), beam=4)}
+    for arm, mode in (("beam only", "off"), (f"margin {margin:g} + numbers", margin), ("every candidate", "all")):
+        want = score_ids(model, model.default_ids(vecs, beam_size=4, rerank=mode), headlines32)
+        assert rows[arm]["exact_match"] == want["exact_match"] and rows[arm]["bleu"] == want["bleu"], arm
+    assert rows["beam only"]["encodes"] == 0 and rows["every candidate"]["encodes"] == 4
+    assert rows[f"margin {margin:g} + numbers"]["encodes"] == np.mean(
+        [len(r) for r in model.rerank_rivals(nbest, margin)[0]])
+    assert rows["every candidate"]["bleu"] != rows["beam only"]["bleu"]  # the arms differ here

@@ -211,6 +211,17 @@ def test_model_card_states_the_runs_own_data_and_recipe(uninterrupted, tmp_path)
         "newest headlines (from 2020-07-09) (held out) (5), greedy"]
 
 
+def test_card_names_the_default_decode_of_beam_rows():
+    """A fidelity JSON that records decode's re-ranking margin measured the default decode (re-ranking "auto"): the
+    card says so for beam rows (greedy has nothing to re-rank); an older JSON keeps the plain mode name."""
+    from invemb.training.ship import card_metrics
+    row = {"token_acc": 0.5, "exact_match": 0.2, "bleu": 30.0, "bertscore_f1": 0.8, "scored_n": 5}
+    fid = {"val": {"n": 24, "greedy": row, "beam4": row}, "newest": {"n": 5, "from": "2020-07-01"}}
+    assert list(card_metrics({**fid, "rerank_margin": 0.015})) == [
+        "validation (24), greedy", "validation (24), beam4 + rerank auto"]
+    assert list(card_metrics(fid)) == ["validation (24), greedy", "validation (24), beam4"]
+
+
 def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     """fit_to_time: the schedule's length is the steps the pace so far fits before max_minutes (capped by
     max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way; a resumed

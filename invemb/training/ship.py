@@ -158,8 +158,9 @@ def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = 
         res = metrics[key]
         for mode in ("greedy", "beam4"):
             m = res.get(mode)
-            if m:
-                out[f"{name} ({res['n']:,}), {mode}"] = (
+            if m:  # beam rows of a fidelity run that records it are decode's default: re-ranking "auto"
+                label = f"{mode} + rerank auto" if mode != "greedy" and "rerank_margin" in metrics else mode
+                out[f"{name} ({res['n']:,}), {label}"] = (
                     f"token acc {m['token_acc']:.3f}, exact {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
                     f"BERTScore {m['bertscore_f1']:.3f} (first {m['scored_n']})"
                     + (f"; as written: exact {m['raw_exact']:.3f}, cased BLEU {m['cased_bleu']:.1f}"
