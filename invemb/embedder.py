@@ -35,10 +35,11 @@ ENCODE_MAX_TOKENS = 384
 # RERANK_MARGIN of the beam's best are re-encoded, and so is every candidate whose NUMBERS differ from the best's
 # (the beam's choice between "$3.2 billion" and "$3.5 billion" is the decoder's prior; the vector knows better); a
 # row with no such rival is not re-encoded at all. First 2,000 validation headlines, shipped model, beam 4
-# (results/rerank_margin.md): beam only: cased BLEU 69.49, number recall 0.819; margin 0.015 + numbers: 70.51,
-# 0.839 at 0.63 encodes per headline; margin 0.02 alone 70.50, 0.817 at 0.60; every candidate (rerank=True): 73.90,
-# 0.843 at 4.0 encodes. A confident beam is rarely wrong: the margin buys most of the gain per encode.
-RERANK_MARGIN = 0.015
+# (results/rerank_margin.md): beam only: cased BLEU 69.49, number recall 0.819; margin 0.0075 + numbers: 70.09,
+# 0.837 at 0.41 encodes per headline; 0.015 + numbers: 70.51, 0.839 at 0.63; every candidate (rerank=True): 73.90,
+# 0.843 at 4.0. Each encode costs ~1/10 of a headline's beam-4 search (int8, one thread), and the written form's tag
+# pass already ~3-5%: 0.0075 keeps decode within 10% of the speed before re-ranking (results/bench_models.md).
+RERANK_MARGIN = 0.0075
 
 
 def rerank_margin(rerank) -> float:
@@ -78,6 +79,7 @@ class EmbedderBase:
     search_workers: int = 1  # row slices searched at once (threads); see set_search_workers
     surface_table: dict | None = None  # piece -> written form (invemb.surface); None: no surface heads (normalised)
     _search_pool = None
+    _digit_ids: frozenset | None = None  # tokenizer ids of pieces holding a digit (rerank_rivals)
 
     def set_search_workers(self, workers: int) -> None:
         """Decode a batch's rows in `workers` slices at once, each in its own thread (the caller's + workers - 1
@@ -196,15 +198,16 @@ class EmbedderBase:
         best's (invemb.facts.number_keys), the best included; [] when there is nothing to compare -- and their
         normalised texts."""
         from invemb.facts import number_keys
+        if self._digit_ids is None:  # pieces holding a digit: a row without them has no number to compare
+            self._digit_ids = frozenset(i for p, i in self.tokenizer.get_vocab().items() if any(map(str.isdigit, p)))
         rivals, texts = [], []
         for hyps in nbest:
-            t = self.detokenize([h.tokens for h in hyps])
             r = [i for i, h in enumerate(hyps) if hyps[0].score - h.score <= margin]
-            if numbers and len(r) < len(hyps) and any(c.isdigit() for c in "".join(t)):  # numbers only where digits are
-                keys = [sorted(number_keys(x)) for x in t]
+            if numbers and len(r) < len(hyps) and any(t in self._digit_ids for h in hyps for t in h.tokens):
+                keys = [sorted(number_keys(x)) for x in self.detokenize([h.tokens for h in hyps])]
                 r = sorted(set(r) | {i for i in range(len(hyps)) if keys[i] != keys[0]})
             rivals.append(r if len(r) > 1 else [])
-            texts.append([t[i] for i in rivals[-1]])
+            texts.append(self.detokenize([hyps[i].tokens for i in rivals[-1]]) if rivals[-1] else [])
         return rivals, texts
 
     def roundtrip_choice(self, vectors: np.ndarray, nbest: list[list[Hypothesis]], margin: float = float("inf")

@@ -101,7 +101,7 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
     return rows
 
 
-def rerank_sweep(model, texts: list[str], margins=(0.01, 0.015, 0.02, 0.03, 0.05), beam: int = 4, decoder=None,
+def rerank_sweep(model, texts: list[str], margins=(0.0075, 0.015, 0.03), beam: int = 4, decoder=None,
                  batch_size: int = 64) -> list[dict]:
     """decode's re-ranking at each margin, with and without the numbers rule (EmbedderBase.rerank_rivals), beside
     the beam's best and every candidate: one search, every candidate encoded once, each arm picking the closest

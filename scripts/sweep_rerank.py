@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--data", default=None, help="headlines (default: $INVEMB_DATA)")
     ap.add_argument("--limit", type=int, default=2000, help="first N validation headlines")
-    ap.add_argument("--margins", type=float, nargs="+", default=[0.01, 0.015, 0.02, 0.03, 0.05])
+    ap.add_argument("--margins", type=float, nargs="+", default=[0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05])
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--out", default="results/rerank_margin")
     args = ap.parse_args(argv)

@@ -217,7 +217,7 @@ def test_card_names_the_default_decode_of_beam_rows():
     from invemb.training.ship import card_metrics
     row = {"token_acc": 0.5, "exact_match": 0.2, "bleu": 30.0, "bertscore_f1": 0.8, "scored_n": 5}
     fid = {"val": {"n": 24, "greedy": row, "beam4": row}, "newest": {"n": 5, "from": "2020-07-01"}}
-    assert list(card_metrics({**fid, "rerank_margin": 0.015})) == [
+    assert list(card_metrics({**fid, "rerank_margin": 0.0075})) == [
         "validation (24), greedy", "validation (24), beam4 + rerank auto"]
     assert list(card_metrics(fid)) == ["validation (24), greedy", "validation (24), beam4"]
 
