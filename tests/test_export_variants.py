@@ -36,8 +36,9 @@ def test_other_decoders_export_with_parity(kind, graphs, tmp_path):
     assert {"batch=1", "batch=7"} <= {r.case.split(" past")[0] for r in rows if r.check != "encoder"}
     emb = OnnxEmbedder(tmp_path / kind, threads=1)
     vec = np.random.default_rng(0).standard_normal((5, model.sentence_dim)).astype(np.float32)
-    for beam in (1, 3):
-        assert emb.decode(vec, beam_size=beam) == model.decode(vec, beam_size=beam)
+    for beam in (1, 3):  # the search's texts (re-ranking off: this untrained toy's candidates are near-ties in
+        # cosine, which float order may flip; re-ranking parity is tests/test_export_onnx.py's)
+        assert emb.decode(vec, beam_size=beam, rerank="off") == model.decode(vec, beam_size=beam, rerank="off")
     if kind == "onepass":
         out = manifest["graphs"]["decoder_onepass"]["outputs"][0]
         assert out["name"] == "logits" and out["shape"] == ["batch", model.config.encoder.max_length - 1,
