@@ -184,9 +184,10 @@ class EmbedderBase:
     def rerank_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, margin: float = float("inf"),
                    **kw) -> list[list[int]]:
         """Round-trip re-ranking: decode each vector's n-best, encode the candidate texts scored within `margin` of
-        the best (default: every one) or differing from it in a number (roundtrip_choice), keep the one whose vector is closest (cosine) to the given vector (ties: the
-        better search score). The search ranks by the decoder's likelihood, which favours frequent phrasings; the
-        encoder tells which candidate says what the vector says. Costs one encode per candidate compared."""
+        the best (default: every one) or differing from it in a number (roundtrip_choice), keep the one whose
+        vector is closest (cosine) to the given vector (ties: the better search score). The search ranks by the
+        decoder's likelihood, which favours frequent phrasings; the encoder tells which candidate says what the
+        vector says. Costs one encode per candidate compared."""
         v = self.check_vectors(vectors)
         nbest = self.decode_nbest(v, beam_size, max_length, **kw)
         return [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, self.roundtrip_choice(v, nbest, margin))]
@@ -217,19 +218,22 @@ class EmbedderBase:
         equal cosines; an empty text is never chosen over a non-empty one). A row with no rival keeps its best
         unencoded."""
         rivals, texts = self.rerank_rivals(nbest, margin)
-        flat = [t or "[UNK]" for ts in texts for t in ts]  # an empty candidate cannot be encoded as it is
+        cos = self.candidate_cosines(vectors, texts)
+        return [r[int(np.argmax(c))] if r else 0 for r, c in zip(rivals, cos)]  # argmax: the first of ties
+
+    def candidate_cosines(self, vectors: np.ndarray, texts: list[list[str]]) -> list[np.ndarray]:
+        """Per row i: the cosines [n_i] between vectors[i] and its candidate texts, all re-encoded in one encode
+        call; an empty text (it cannot be encoded as it is) gets -inf, so it is never chosen over another."""
+        flat = [t or "[UNK]" for ts in texts for t in ts]
         enc = self.encode(flat) if flat else np.zeros((0, vectors.shape[1]), np.float32)  # [sum n_i, S]
         enc /= np.linalg.norm(enc, axis=1, keepdims=True) + 1e-12
         unit = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
         out, at = [], 0
-        for row, r in enumerate(rivals):
-            if not r:
-                out.append(0)
-                continue
-            cos = enc[at:at + len(r)] @ unit[row]  # [n_i]
-            cos[[not t for t in texts[row]]] = -np.inf
-            out.append(r[int(np.argmax(cos))])  # argmax: the first (best score) of ties
-            at += len(r)
+        for row, ts in enumerate(texts):
+            cos = enc[at:at + len(ts)] @ unit[row]  # [n_i]
+            cos[[not t for t in ts]] = -np.inf
+            out.append(cos)
+            at += len(ts)
         return out
 
     def default_ids(self, vectors, beam_size: int = 4, max_length: int | None = None, rerank="auto",

@@ -76,8 +76,9 @@ def decode_scores(model, vectors: np.ndarray, texts: list[str], beam_size: int =
 
 def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_size: int = 64) -> list[dict]:
     """Per beam size: the beam's best hypothesis, decode's default re-ranking ("auto": the candidates scored within
-    RERANK_MARGIN of the best or with other numbers re-encoded) and every candidate re-encoded (roundtrip_choice), all from ONE search
-    (the first of the n-best is the search's best); encodes = candidates re-encoded per headline."""
+    RERANK_MARGIN of the best or with other numbers re-encoded) and every candidate re-encoded (roundtrip_choice),
+    all from ONE search (the first of the n-best is the search's best); encodes = candidates re-encoded per
+    headline."""
     from invemb.embedder import RERANK_MARGIN
     dec = decoder or model
     vectors = dec.encode(texts)
@@ -92,11 +93,11 @@ def rerank_study(model, texts: list[str], beams=(4, 16), decoder=None, batch_siz
             t1 = time.time()
             pick = dec.roundtrip_choice(vectors, nbest, margin) if margin > 0 else [0] * len(nbest)
             t_rerank = time.time() - t1
-            within = dec.rerank_rivals(nbest, margin)[0] if margin > 0 else [[]]
+            rivals = dec.rerank_rivals(nbest, margin)[0] if margin > 0 else []
             r = score_ids(model, [hyps[i].tokens if hyps else [] for hyps, i in zip(nbest, pick)], texts, vectors)
             r.pop("hyps")
             rows.append({"decode": f"beam{beam}{name}", "n": len(texts), **r,
-                         "encodes": float(np.mean([len(r) for r in within])),
+                         "encodes": float(np.mean([len(x) for x in rivals])) if rivals else 0.0,
                          "seconds": round(t_search + t_rerank, 1)})
     return rows
 
@@ -111,16 +112,10 @@ def rerank_sweep(model, texts: list[str], margins=(0.0075, 0.015, 0.03), beam: i
     nbest = []
     for i in range(0, len(vectors), batch_size):
         nbest.extend(dec.decode_nbest(vectors[i:i + batch_size], beam_size=beam))
-    every, cand = dec.rerank_rivals(nbest, np.inf, numbers=False)
-    enc = dec.encode([t or "[UNK]" for ts in cand for t in ts])  # [sum n_i, S]
-    enc /= np.linalg.norm(enc, axis=1, keepdims=True) + 1e-12
-    unit = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
-    starts = np.cumsum([0] + [len(r) for r in every])
-    cos = [enc[a:b] @ unit[row] for row, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]  # [n_i] per row
-    for row, ts in enumerate(cand):
-        cos[row][[not t for t in ts]] = -np.inf
-    arms = [("beam only", 0.0, False)] + [(f"margin {m:g}{' + numbers' if n else ''}", m, n)
-                                          for m in margins for n in (False, True)] + [("every candidate", np.inf, False)]
+    # every hypothesis of a row with more than one, so a row's cosines are indexed by hypothesis
+    cos = dec.candidate_cosines(vectors, dec.rerank_rivals(nbest, np.inf, numbers=False)[1])  # [n_i] per row
+    arms = [("beam only", 0.0, False), *((f"margin {m:g}{' + numbers' if n else ''}", m, n)
+                                         for m in margins for n in (False, True)), ("every candidate", np.inf, False)]
     rows = []
     for name, margin, numbers in arms:
         rivals = dec.rerank_rivals(nbest, margin, numbers)[0] if margin > 0 else [[] for _ in nbest]
