@@ -149,6 +149,12 @@ class TrainConfig:
     fact_rounds: int = 1  # independent draws of the number / name copies (round r: seed + 1000 + r)
     spell_practice: float = 0.0  # chance a piece of a capitalised training word is spelled in the targets (surface)
     surface_weight: float = 1.0  # weight of the case + space tag losses (decoder.surface_heads)
+    # separation term (invemb.losses.separation_loss): each training row whose text has variants among the training
+    # texts (same words, other digits / simple names: invemb.facts.variant_groups) is paired with one of them, drawn
+    # per batch, and weight * max(0, margin - ||v(a) - v(b)|| / ||v(a)||) is added: a one-fact change must move the
+    # vector at least `margin` (relative; the training noise moves it by noise_sigma on this scale)
+    separation_weight: float = 0.0
+    separation_margin: float = 0.5
     # "surface": only the case / space-before heads train; every other weight stays the start model's (so the pieces
     # it decodes, and every normalised figure, are the start model's)
     train_only: str = ""
@@ -183,6 +189,9 @@ class TrainConfig:
         if cfg.fit_to_time and (cfg.max_minutes <= 0 or cfg.lr_schedule != "cosine"):
             raise InvembError("fit_to_time fits the cosine schedule to max_minutes: it needs lr_schedule: cosine and "
                               f"max_minutes > 0 (got {cfg.lr_schedule!r}, {cfg.max_minutes})")
+        if cfg.separation_weight < 0 or cfg.separation_margin <= 0:
+            raise InvembError(f"separation_weight must be >= 0 and separation_margin > 0, got "
+                              f"{cfg.separation_weight}, {cfg.separation_margin}")
         if cfg.train_only not in ("", "surface"):
             raise InvembError(f"train_only must be '' (everything) or 'surface', got {cfg.train_only!r}")
         if cfg.train_only == "surface" and not cfg.model.decoder.surface_heads:

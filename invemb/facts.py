@@ -211,3 +211,27 @@ def one_change_pairs(texts: Sequence[str], per_kind: int, seed: int) -> dict[str
         if all(len(v) >= per_kind for v in out.values()):
             break
     return out
+
+
+# ------------------------------------------------------------------------------------------------ separation pairs
+def variant_key(text: str) -> str:
+    """`text` with every digit written 0 and every simple name (what swap_names replaces) written N: texts that
+    differ ONLY in their numbers' digits or their simple names share a key ("Dow up 212 points in Tokyo" and
+    "Dow up 587 points in Lagos": "Dow up 000 points in N")."""
+    text = _DIGIT_RUN.sub(lambda d: "0" * len(d.group(0)), text)
+    words = text.split(" ")
+    for i in range(1, len(words)):
+        if m := _GLUED_NAME.match(words[i]):
+            words[i] = m.group(1) + "N" + m.group(3)
+    return " ".join(words)
+
+
+def variant_groups(texts: Sequence[str]) -> list[list[int]]:
+    """Indices of `texts` grouped by variant_key, groups of two or more only, each in index order, groups in the
+    order of their first member: a headline with its number- and name-swapped copies (and real headlines that
+    differ from it in those facts only). The separation term of training pushes the vectors of a group apart, so a
+    text written twice is kept once (its copies could never be apart)."""
+    by_key: dict[str, dict[str, int]] = {}
+    for i, t in enumerate(texts):
+        by_key.setdefault(variant_key(t), {}).setdefault(t, i)
+    return [list(g.values()) for g in by_key.values() if len(g) > 1]

@@ -10,6 +10,9 @@
   grad). loss = ce + lambda * (1 - cos). The paraphrase model must share the decoder's vocabulary:
   all-MiniLM-L6-v2 (the default) uses the bert-base-uncased WordPiece vocab, the same as the MiniLM / FinBERT
   encoder tokenizers. A model with another vocab needs an explicit `id_map` (decoder id -> paraphrase-model id).
+- separation term (`separation_weight`, `separation_margin`): for rows paired with a one-fact variant of their text
+  (other digits / names, invemb.facts.variant_groups), weight * mean max(0, margin - ||v(a) - v(b)|| / ||v(a)||) on
+  the clean pooled vectors (before noise): the vector must carry the digit the decoder is asked to write.
 - paraphrase loss (`paraphrase_file`): ce(original) + min_i ce(paraphrase_i), per-example CE, the decoder
   conditioned on the ORIGINAL's vector and teacher-forced on each paraphrase; JSONL {"text", "paraphrases": [...]}.
 """
@@ -59,6 +62,17 @@ def add_vector_noise(v, sigma: float, seed: int = 0):
         return (v + np.random.default_rng(seed).standard_normal(v.shape) * sigma * rms).astype(np.float32)
     rms = v.detach().float().pow(2).mean(-1, keepdim=True).sqrt()  # [B,1]
     return v + torch.randn_like(v) * (sigma * rms).to(v.dtype)
+
+
+def separation_loss(a: torch.Tensor, b: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hinge on the relative distance of paired vectors a, b [P,S]: mean max(0, margin - ||a - b|| / ||a||) (the
+    scale of invemb.fidelity.relative_distance and of the training noise); 0 for P == 0. The small epsilon keeps
+    the gradient finite where a == b."""
+    if a.shape[0] == 0:
+        return a.sum() * 0
+    a, b = a.float(), b.float()
+    d = ((a - b).pow(2).sum(-1) + 1e-12).sqrt() / (a.pow(2).sum(-1) + 1e-12).sqrt()  # [P]
+    return F.relu(margin - d).mean()
 
 
 class SentenceSimilarityLoss:
@@ -146,9 +160,11 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, noise_sigma: float = 0.0, sim_loss_weight: float = 0.0,
                  sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0,
-                 word_dropout: float = 0.0, surface_weight: float = 1.0):
+                 word_dropout: float = 0.0, surface_weight: float = 1.0, separation_weight: float = 0.0,
+                 separation_margin: float = 0.5):
         super().__init__()
         self.model = model
+        self.separation_weight, self.separation_margin = separation_weight, separation_margin
         self.surface_weight = surface_weight
         self.word_dropout = word_dropout
         self.sampled_negatives = sampled_negatives
@@ -164,11 +180,19 @@ class Objective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 para_ids: torch.Tensor | None = None, para_mask: torch.Tensor | None = None,
                 para_valid: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, **targets) -> dict[str, torch.Tensor]:
+                hidden_states: torch.Tensor | None = None, pair_of: torch.Tensor | None = None,
+                pair_ids: torch.Tensor | None = None, pair_mask: torch.Tensor | None = None,
+                pair_hidden_states: torch.Tensor | None = None, **targets) -> dict[str, torch.Tensor]:
         # input_ids/attention_mask [B,T]; para_ids/para_mask [B,P,T'], para_valid [B,P] (optional);
         # hidden_states [B,T,H]: the frozen backbone's cached states (the encoder then runs only its pooler);
+        # pair_of [P] (rows of the batch) + pair_ids/pair_mask [P,T''] (+ pair_hidden_states [P,T'',H]): the
+        # one-fact variants those rows are separated from (training only);
         # targets: the decoder's own sequence and tags (target_ids, target_mask, case_tags, space_tags [B,T'])
         vec = self.model.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
+        sep = None
+        if self.training and self.separation_weight > 0 and pair_of is not None and pair_of.numel():
+            other = self.model.encoder(pair_ids, pair_mask, pair_hidden_states)  # [P,S]
+            sep = separation_loss(vec[pair_of], other, self.separation_margin)
         if self.training:
             vec = add_vector_noise(vec, self.noise_sigma)
         out = self.model(input_ids, attention_mask, sentence_embedding=vec,
@@ -177,7 +201,10 @@ class Objective(nn.Module):
         loss, zero = out["loss"], out["loss"].detach() * 0
         surface = out.get("surface", zero).detach()
         out["ce"], out["sim"], out["para"] = out["loss"].detach() - self.surface_weight * surface, zero, zero
-        out["surface"] = surface
+        out["surface"], out["sep"] = surface, zero if sep is None else sep.detach()
+        out["pairs"] = 0 if sep is None else int(pair_of.numel())
+        if sep is not None:
+            loss = loss + self.separation_weight * sep
         if self.sim_loss_weight > 0 and self.training:
             sim = self.sim_loss(out["logits"], out["labels"], input_ids, attention_mask)
             loss = loss + self.sim_loss_weight * sim

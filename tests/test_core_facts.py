@@ -11,7 +11,7 @@ from conftest import train_toy
 from invemb.config import preset
 from invemb.encoder import load_tokenizer
 from invemb.facts import (fact_variants, find_names, find_numbers, name_pool, one_change_pairs,
-                          perturb_every_number, perturb_numbers, perturbed_facts_set)
+                          perturb_every_number, perturb_numbers, perturbed_facts_set, variant_groups, variant_key)
 from invemb.fidelity import relative_distance
 from invemb.metrics import exact_split, fact_metrics, fact_scores, surface_metrics
 from invemb.surface import build_table, decoder_targets, render
@@ -135,6 +135,21 @@ def test_one_change_pairs_change_one_thing():
             else:
                 diff = [(x, y) for x, y in zip(a.split(" "), b.split(" ")) if x != y]
                 assert len(diff) == 1 and (diff[0][1][0].isupper() if kind == "name" else diff[0][1].islower())
+
+
+def test_variant_groups_hold_texts_differing_only_in_digits_or_names():
+    texts = ["Dow up 212 points in Tokyo", "Oil falls on OPEC cut", "Dow up 587 points in Lagos",
+             "Dow up 5.87 points in Lagos",  # another shape of number: not a variant of the first
+             "Dow up 212 points in Tokyo",   # written twice: kept once
+             "Oil falls on OPEC cuts", "Dow up 212 points in tokyo"]  # another word; a lower-case word
+    assert variant_key(texts[0]) == "Dow up 000 points in N" == variant_key(texts[2])
+    assert variant_key("Apple (Reuters) buys Beats, Shazam") == "Apple (N) buys N, N"  # glued punctuation stays
+    assert variant_groups(texts) == [[0, 2]]
+    rng = random.Random(0)
+    copies = [perturb_numbers(texts[0], rng) for _ in range(3)]  # 560, 576, 459: a swap's copies join its group
+    copies.append(texts[1].replace("Oil", "Gas"))  # the first word is never a name: no variant
+    assert variant_groups(texts + copies) == [[0, 2, 7, 8, 9]]
+    assert variant_groups(fact_variants(["Unilever takes $3.2 billion hit"], 3, 0, "numbers")) == [[0, 1, 2]]
 
 
 def test_relative_distance_on_the_noise_scale():

@@ -177,3 +177,36 @@ def test_gpu_bf16_is_the_recipes_choice_where_the_gpu_has_bf16(monkeypatch):
         assert eng_mod.autocast_bf16(dataclasses.replace(cfg, gpu_bf16=False), "cuda") is False
         assert eng_mod.autocast_bf16(cfg, "cpu") is False  # cpu_bf16 is off in the preset
         assert eng_mod.autocast_bf16(dataclasses.replace(cfg, cpu_bf16=True), "cpu") is cpu_has
+
+
+def test_separation_hinge_is_zero_beyond_the_margin_and_pushes_pairs_apart():
+    from invemb.losses import separation_loss
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0, 1.0, 3.0], [2.0, 0.0, 0.0, 0.2]])  # relative distances 1.0 and 0.1
+    assert float(separation_loss(a, b, 0.5)) == pytest.approx((0.0 + 0.4) / 2)
+    assert float(separation_loss(a[:0], b[:0], 0.5)) == 0.0
+    same = a.clone().requires_grad_(True)
+    separation_loss(same, a.clone(), 0.5).backward()
+    assert torch.isfinite(same.grad).all()  # identical vectors: a finite gradient, not NaN
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    y = (x + 0.01 * torch.randn(4, 8)).requires_grad_(True)
+    opt = torch.optim.SGD([y], lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = separation_loss(x, y, 0.5)
+        loss.backward()
+        opt.step()
+    assert float(separation_loss(x, y.detach(), 0.5)) < 1e-3 < 0.4 < float(separation_loss(x, x + 0.01, 0.5))
+
+
+def test_objective_adds_the_separation_term_in_training_only(toy):
+    batch = toy.tokenize(["tesla up 5.5% after deal", "stocks rally after fed holds rates steady"])
+    pair = toy.tokenize(["tesla up 7.1% after deal"])
+    pairs = dict(pair_of=torch.tensor([0]), pair_ids=pair["input_ids"], pair_mask=pair["attention_mask"])
+    obj = Objective(toy, separation_weight=2.0, separation_margin=5.0).train()  # a margin no pair reaches
+    out = obj(**batch, **pairs)
+    assert 0 < float(out["sep"]) <= 5.0 and out["pairs"] == 1
+    assert torch.isclose(out["loss"], out["ce"] + out["surface"] + 2.0 * out["sep"])
+    assert float(Objective(toy, separation_weight=2.0).eval()(**batch, **pairs)["sep"]) == 0.0
+    assert float(Objective(toy).train()(**batch, **pairs)["sep"]) == 0.0  # weight 0: off

@@ -118,6 +118,9 @@ def recipe_line(recipe: dict, recipe_file: str | None, run: str, frozen: bool) -
         parts.append(f"word dropout {r['word_dropout']} on decoder inputs")
     if r.get("noise_sigma"):
         parts.append(f"vector noise {r['noise_sigma']} x RMS")
+    if r.get("separation_weight"):
+        parts.append(f"separation term {r['separation_weight']} x max(0, {r.get('separation_margin')} - the relative "
+                     "distance of a headline's vector to a one-fact variant's)")
     if r.get("cpu_bf16"):
         parts.append("bf16 autocast where the CPU has AMX/AVX512-BF16 (\"bf16\" in a machine cell: on in that run)")
     where = f"`{recipe_file}`" if recipe_file else f"the config.json of {run}"

@@ -48,6 +48,8 @@ class TrainWindow:
     sim: float = 0.0
     para: float = 0.0
     surface: float = 0.0
+    sep: float = 0.0
+    pairs: int = 0  # rows paired with a one-fact variant (the separation term)
     tokens: int = 0  # decoder input tokens (labels + the [CLS] of each row)
     samples: int = 0
     acc: TopKAccumulator = field(default_factory=lambda: TopKAccumulator((1, 5)))
@@ -55,7 +57,8 @@ class TrainWindow:
     def sums(self) -> dict[str, float]:
         """The summable fields by name (what `EngineBase.all_sum` reduces over ranks)."""
         return {"micro_batches": self.micro_batches, "loss": self.loss, "ce": self.ce, "sim": self.sim,
-                "para": self.para, "surface": self.surface, "tokens": self.tokens, "samples": self.samples, **accuracy_fields(self.acc)}
+                "para": self.para, "surface": self.surface, "sep": self.sep, "pairs": self.pairs,
+                "tokens": self.tokens, "samples": self.samples, **accuracy_fields(self.acc)}
 
 
 def _seed(*parts: int) -> None:
@@ -119,6 +122,15 @@ class Trainer:
             index = {t: i for i, t in enumerate(t for g in self.cache_groups for t in g)}
             self.train_cache_rows = [index[t] for t in self.train_texts]
             self.val_cache_rows = [index[t] for t in self.val_texts]
+        self.variant_of: dict[int, list[int]] = {}  # training row -> the rows of its variant group (separation term)
+        if cfg.separation_weight > 0:
+            from invemb.facts import variant_groups
+            for g in variant_groups(self.train_texts):
+                for r in g:
+                    self.variant_of[r] = g
+            if self.main:
+                print(f"separation term: {len(self.variant_of)} of {len(self.train_texts)} training texts have a "
+                      f"one-fact variant (weight {cfg.separation_weight}, margin {cfg.separation_margin})", flush=True)
         self.para_index = None
         if self.paraphrases:
             self.para_ids, self.para_mask, self.para_index = paraphrase_tensors(model, self.train_texts,
@@ -126,7 +138,7 @@ class Trainer:
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
         objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout,
-                              cfg.surface_weight)
+                              cfg.surface_weight, cfg.separation_weight, cfg.separation_margin)
         if self.ds_config is not None:
             self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
         else:
@@ -195,6 +207,8 @@ class Trainer:
                          space_tags=torch.from_numpy(tgt["space"][rows, :t]).long().to(self.device))
         if self.features is not None and cache_rows is not None:  # cached backbone states [b,length,H]
             batch["hidden_states"] = self.features.states([cache_rows[r] for r in rows], length).to(self.device)
+        if paraphrases and self.variant_of:
+            batch.update(self._pairs(ids, mask, rows, cache_rows))
         if paraphrases and self.para_index is not None:
             pidx = self.para_index[rows_t]  # [b,P]
             valid = pidx >= 0
@@ -203,6 +217,27 @@ class Trainer:
             batch.update(para_ids=self.para_ids[pidx.clamp(min=0)][..., :plen].to(self.device),
                          para_mask=pm[..., :plen].to(self.device), para_valid=valid.to(self.device))
         return batch
+
+    def _pairs(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], cache_rows: list[int] | None) -> dict:
+        """The separation term's pairs of a training batch: each row with variants gets one of them, drawn with
+        torch's generator (seeded per micro-batch by the loop, so a resumed run draws the same)."""
+        of, partner = [], []
+        for i, r in enumerate(rows):
+            g = self.variant_of.get(r)
+            if g:
+                j = int(torch.randint(len(g) - 1, ()))
+                of.append(i)
+                partner.append(g[j] if g[j] != r else g[-1])  # uniform over the group less r
+        if not of:
+            return {}
+        p = torch.tensor(partner, dtype=torch.long)
+        pm = mask[p]
+        length = int(pm.sum(1).max())
+        out = {"pair_of": torch.tensor(of, dtype=torch.long).to(self.device),
+               "pair_ids": ids[p, :length].to(self.device), "pair_mask": pm[:, :length].to(self.device)}
+        if self.features is not None and cache_rows is not None:
+            out["pair_hidden_states"] = self.features.states([cache_rows[r] for r in partner], length).to(self.device)
+        return out
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.train_texts)))
@@ -286,6 +321,8 @@ class Trainer:
         w.sim += float(out["sim"].detach())
         w.para += float(out["para"].detach())
         w.surface += float(out["surface"]) if "surface" in out else 0.0
+        w.sep += float(out["sep"]) if "sep" in out else 0.0
+        w.pairs += int(out.get("pairs", 0))
         labels = out["labels"]  # [b,T-1]
         w.tokens += int((labels != IGNORE).sum()) + labels.shape[0]  # + the [CLS] input of each row
         w.samples += labels.shape[0]
@@ -298,7 +335,8 @@ class Trainer:
         n, dt = max(1.0, s["micro_batches"]), max(1e-9, time.time() - w.t0)
         scored = max(1.0, s["scored_tokens"])
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": s["loss"] / n, "ce": s["ce"] / n,
-               "sim": s["sim"] / n, "para": s["para"] / n, "surface": s["surface"] / n, "lr": self.eng.lr,
+               "sim": s["sim"] / n, "para": s["para"] / n, "surface": s["surface"] / n, "sep": s["sep"] / n,
+               "paired": s["pairs"] / max(1.0, s["samples"]), "lr": self.eng.lr,
                "top1": s["top1_hits"] / scored, "top5": s["top5_hits"] / scored,
                "tokens_per_s": s["tokens"] / dt, "samples_per_s": s["samples"] / dt,
                "elapsed_s": time.time() - self.t_start, **self._time_totals()}
