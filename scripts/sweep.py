@@ -49,6 +49,12 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
     # round 5 (continuing the 44,450-step shipped model: + splices 4; train loss 0.17 vs val 0.82, data-limited)
     "r5-base": [],
     "splice-rounds2": ["splice_rounds=2"],
+    # round 6 (issue 29: facts; continuing the shipped 102,200-step model + surface heads, live backbone;
+    # results/sweep_facts3.md): number + name swaps without vector noise, then + the separation term
+    "control": [],
+    "swaps": ["augment_numbers=3", "augment_names=2", "noise_sigma=0"],
+    "sep": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
+            "separation_margin=0.5"],
 }
 
 
@@ -93,8 +99,10 @@ def report(arms: list[str], root: Path, out: Path, minutes: float, command: str)
                      "median s/step": step_seconds(run), "steps": last.get("step"),
                      "minutes": last.get("minutes"), "val top-1": last.get("val_top1"),
                      "val loss": last.get("val_loss")})
+    cached = [bool(json.loads((root / a / "config.json").read_text()).get("feature_cache")) for a in curves]
+    states = "feature cache" if all(cached) else "live frozen backbone" if not any(cached) else "see each run's config"
     lines = ["# Sweep at equal wall clock", "", f"Command: `{command}`; base recipe `train/configs/minilm-mq16.yaml`;"
-             f" {minutes} min per arm on the 2-core box (plain PyTorch, 2 threads, feature cache).", "",
+             f" {minutes} min per arm on the 2-core box (plain PyTorch, 2 threads, {states}).", "",
              "| arm | overrides | median s/step | steps | minutes | val top-1 (512, teacher-forced) | val loss |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

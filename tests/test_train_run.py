@@ -190,6 +190,7 @@ def test_model_card_states_the_runs_own_data_and_recipe(uninterrupted, tmp_path)
     assert "`headlines.txt`, 240 headlines; seeded 90/10 train/validation split (seed 0: 216 / 24)" in card, card
     assert "no headlines held out by date" in card and "the first 96 training headlines only (train_limit)" in card
     assert "- Recipe: `train/configs/toy.yaml` (" in card and "--config train/configs/toy.yaml --out" in card
+    assert 'from_pretrained("models/toy")' in card and "(the default model)" not in card  # not the default folder
     for constant in ("53,157", "30 days", "minilm-mq16", "Kaggle"):
         assert constant not in card, constant
     # another recipe (seed, split, hold-out) and data facts: the card follows them

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from invemb.shipped import DEFAULT_MODEL
+
 
 def gpu_minutes(history: list[dict]) -> float:
     """GPU minutes of a lineage (the wall hours of its GPU runs); 0.0 for an all-CPU one."""
@@ -150,7 +152,8 @@ def write_card(folder: Path) -> Path:
         "Invertible sentence embeddings for financial news headlines: `encode` maps a headline to ONE vector "
         f"(S={enc['sentence_dim']}), `decode` turns the vector back into the headline.", "",
         "```python", "from invemb import InvertibleEmbedder",
-        "model = InvertibleEmbedder.from_pretrained()          # this folder (the default model)",
+        "model = InvertibleEmbedder.from_pretrained()          # this folder (the default model)"
+        if folder.name == DEFAULT_MODEL else f"model = InvertibleEmbedder.from_pretrained(\"models/{folder.name}\")",
         "model.decode(model.encode([\"Oil prices fall as OPEC output rises\"]), beam_size=4)", "```", "",
         "## Model", "", *_model_lines(meta, folder), "",
         "## Training", "",
