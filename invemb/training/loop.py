@@ -192,7 +192,7 @@ class Trainer:
         return InvertibleEmbedder(self.cfg.model, like.tokenizer, AutoModel.from_config(like.encoder.backbone.config))
 
     # ------------------------------------------------------------------------------------------------ batches
-    def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], paraphrases: bool,
+    def _batch(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[int], training: bool,
                cache_rows: list[int] | None = None, tgt: dict | None = None) -> dict:
         rows_t = torch.tensor(rows, dtype=torch.long)
         m = mask[rows_t]
@@ -207,9 +207,9 @@ class Trainer:
                          space_tags=torch.from_numpy(tgt["space"][rows, :t]).long().to(self.device))
         if self.features is not None and cache_rows is not None:  # cached backbone states [b,length,H]
             batch["hidden_states"] = self.features.states([cache_rows[r] for r in rows], length).to(self.device)
-        if paraphrases and self.variant_of:
+        if training and self.variant_of:  # the separation term's pairs and the paraphrase rows: training only
             batch.update(self._pairs(ids, mask, rows, cache_rows))
-        if paraphrases and self.para_index is not None:
+        if training and self.para_index is not None:
             pidx = self.para_index[rows_t]  # [b,P]
             valid = pidx >= 0
             pm = self.para_mask[pidx.clamp(min=0)] * valid.unsqueeze(-1)  # [b,P,L']
