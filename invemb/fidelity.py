@@ -237,6 +237,57 @@ def distance_table(model, texts: list[str], per_kind: int = 50, seed: int = 0, n
     return out
 
 
+def digit_pieces(tokenizer, text: str, max_length: int) -> list[int]:
+    """[CLS] + `text`'s WordPiece ids with every piece that holds a digit written one character a piece + [SEP]
+    ("587" -> "58 ##7" as the tokenizer reads it -> "5 ##8 ##7"): the encoder's input if numbers were single digits."""
+    out = []
+    for tok in tokenizer.tokenize(text):
+        body = tok[2:] if tok.startswith("##") else tok
+        if len(body) > 1 and any(c.isdigit() for c in body):
+            out += [("##" if (tok.startswith("##") or j) else "") + ch for j, ch in enumerate(body)]
+        else:
+            out.append(tok)
+    ids = tokenizer.convert_tokens_to_ids(out)[:max_length - 2]
+    return [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+
+
+def backbone_number_study(model, pairs: list[tuple[str, str]]) -> dict:
+    """Where a one-number change gets lost (issue 29): how far it moves the FROZEN backbone's token states and how
+    far the trained pooling's vector, with the input read as the tokenizer writes numbers ("58 ##7") and as single
+    digits (digit_pieces). Per reading: `mean_state` = relative_distance of the masked mean of the states (the
+    whole sentence), `max_position` = the largest relative change of one position's state (pairs whose inputs have
+    the same length; positions align), `vector` = relative_distance of the model's vectors (only meaningful for the
+    reading the model was trained on, "pieces")."""
+    import torch
+    enc, tok, L = model.encoder, model.tokenizer, model.max_length
+
+    def run(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [N,T]
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        with torch.no_grad():
+            return enc.token_states(ids, mask).float(), mask, enc(ids, mask).float().numpy()  # [N,T,H], [N,T], [N,S]
+
+    out = {"n": len(pairs)}
+    for reading in ("pieces", "digits"):
+        rows = [[tok(t, truncation=True, max_length=L)["input_ids"] if reading == "pieces" else
+                 digit_pieces(tok, t, L) for t in side] for side in zip(*pairs)]
+        (ha, ma, va), (hb, mb, vb) = run(rows[0]), run(rows[1])
+        mean_a = ((ha * ma[..., None]).sum(1) / ma.sum(1, keepdim=True)).numpy()  # [N,H]
+        mean_b = ((hb * mb[..., None]).sum(1) / mb.sum(1, keepdim=True)).numpy()
+        peaks = []
+        for i, (a, b) in enumerate(zip(*rows)):
+            if len(a) == len(b):
+                d = (ha[i, :len(a)] - hb[i, :len(a)]).norm(dim=-1) / ha[i, :len(a)].norm(dim=-1)  # [T]
+                peaks.append(float(d.max()))
+        out[reading] = {"mean_state": float(relative_distance(mean_a, mean_b).mean()),
+                        "max_position": float(np.mean(peaks)) if peaks else None, "aligned": len(peaks),
+                        "vector": float(relative_distance(va, vb).mean()),
+                        "pieces_per_text": float(np.mean([len(r) for r in rows[0]]))}
+    return out
+
+
 def surface_oracle(model, sets: dict[str, list[str]], table_texts: list[str]) -> dict:
     """The written form's oracle round trip (invemb.surface.oracle_roundtrip: original -> decoder targets -> render
     == original) per named set of texts, with the model's surface table (a model without surface heads: the table

@@ -12,7 +12,7 @@ from invemb.config import preset
 from invemb.encoder import load_tokenizer
 from invemb.facts import (fact_variants, find_names, find_numbers, name_pool, one_change_pairs,
                           perturb_every_number, perturb_numbers, perturbed_facts_set, variant_groups, variant_key)
-from invemb.fidelity import relative_distance
+from invemb.fidelity import backbone_number_study, digit_pieces, relative_distance
 from invemb.metrics import exact_split, fact_metrics, fact_scores, surface_metrics
 from invemb.surface import build_table, decoder_targets, render
 
@@ -159,6 +159,36 @@ def test_relative_distance_on_the_noise_scale():
     noise = np.random.default_rng(0).normal(0, 0.1, (1, 20000)).astype(np.float32)
     ones = np.ones((1, 20000), np.float32)
     assert relative_distance(ones, ones + noise)[0] == pytest.approx(0.1, rel=0.02)  # sigma 0.1 reads 0.1
+
+
+
+def test_digit_pieces_write_numbers_one_digit_a_piece(tokenizer):
+    text = "Boeing delivers 737 jets in 2019, up 5.5%"
+    ids = digit_pieces(tokenizer, text, 64)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[0] == tokenizer.cls_token and pieces[-1] == tokenizer.sep_token
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits and all(len(p.lstrip("#")) == 1 for p in digits)  # every number piece is one digit
+    assert "".join(p.lstrip("#") for p in digits) == "737201955"  # every digit, in order, none lost
+    assert tokenizer.decode(ids[1:-1]) == tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+    words = [p for p in pieces[1:-1] if not any(c.isdigit() for c in p)]
+    assert words == [p for p in tokenizer.tokenize(text) if not any(c.isdigit() for c in p)]  # words untouched
+    assert len(digit_pieces(tokenizer, text, 6)) == 6  # cut at max_length, [SEP] kept
+
+
+def test_backbone_number_study_measures_the_change(toy_model):
+    same = backbone_number_study(toy_model, [("Dow up 212 points", "Dow up 212 points")] * 2)
+    for reading in ("pieces", "digits"):  # identical texts: nothing moves
+        assert same[reading]["mean_state"] == pytest.approx(0, abs=1e-6)
+        assert same[reading]["vector"] == pytest.approx(0, abs=1e-6)
+    pairs = [("Dow up 212 points", "Dow up 587 points"), ("Oil hits $61.5 a barrel", "Oil hits $34.9 a barrel")]
+    res = backbone_number_study(toy_model, pairs)
+    assert res["n"] == 2
+    for reading in ("pieces", "digits"):
+        r = res[reading]
+        assert r["mean_state"] > 0 and r["vector"] > 0 and r["aligned"] >= 1
+        assert r["max_position"] > 0
+    assert res["digits"]["pieces_per_text"] > res["pieces"]["pieces_per_text"]  # "212" was not one digit a piece
 
 
 # ------------------------------------------------------------------------------------------------ surface codec
