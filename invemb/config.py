@@ -155,6 +155,10 @@ class TrainConfig:
     # vector at least `margin` (relative; the training noise moves it by noise_sigma on this scale)
     separation_weight: float = 0.0
     separation_margin: float = 0.5
+    # the decoder's cross-entropy with the pieces of numbers and names (invemb.surface.decoder_targets' fact tags)
+    # weighing fact_weight each, every other piece 1 (a weighted mean): a headline's facts are a few of its ~18
+    # pieces, so in the plain mean they weigh little (1.0: the plain mean; needs the decoder's own targets)
+    fact_weight: float = 1.0
     # "surface": only the case / space-before heads train; every other weight stays the start model's (so the pieces
     # it decodes, and every normalised figure, are the start model's)
     train_only: str = ""
@@ -192,6 +196,8 @@ class TrainConfig:
         if cfg.separation_weight < 0 or cfg.separation_margin <= 0:
             raise InvembError(f"separation_weight must be >= 0 and separation_margin > 0, got "
                               f"{cfg.separation_weight}, {cfg.separation_margin}")
+        if cfg.fact_weight < 1:
+            raise InvembError(f"fact_weight must be >= 1 (1: every piece weighs the same), got {cfg.fact_weight}")
         if cfg.train_only not in ("", "surface"):
             raise InvembError(f"train_only must be '' (everything) or 'surface', got {cfg.train_only!r}")
         if cfg.train_only == "surface" and not cfg.model.decoder.surface_heads:

@@ -155,15 +155,28 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def fact_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, fact: torch.Tensor | None, weight: float
+                     ) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pieces with those where `fact` is 1 weighing `weight` (the others 1):
+    sum(w * ce) / sum(w). logits [B,T,C], labels [B,T] (IGNORE: none), fact [B,T] 0/1 or None (the plain mean)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                         reduction="none").view_as(labels)  # [B,T]
+    w = (labels != IGNORE).float()  # [B,T]
+    if fact is not None:
+        w = w * (1 + (weight - 1) * fact.float())
+    return (ce * w).sum() / w.sum().clamp(min=1)
+
+
 class Objective(nn.Module):
     """The training loss around an InvertibleEmbedder (the only registered submodule: `model`)."""
 
     def __init__(self, model: nn.Module, noise_sigma: float = 0.0, sim_loss_weight: float = 0.0,
                  sim_loss: SentenceSimilarityLoss | None = None, sampled_negatives: int = 0,
                  word_dropout: float = 0.0, surface_weight: float = 1.0, separation_weight: float = 0.0,
-                 separation_margin: float = 0.5):
+                 separation_margin: float = 0.5, fact_weight: float = 1.0):
         super().__init__()
         self.model = model
+        self.fact_weight = fact_weight
         self.separation_weight, self.separation_margin = separation_weight, separation_margin
         self.surface_weight = surface_weight
         self.word_dropout = word_dropout
@@ -187,7 +200,9 @@ class Objective(nn.Module):
         # hidden_states [B,T,H]: the frozen backbone's cached states (the encoder then runs only its pooler);
         # pair_of [P] (rows of the batch) + pair_ids/pair_mask [P,T''] (+ pair_hidden_states [P,T'',H]): the
         # one-fact variants those rows are separated from (training only);
-        # targets: the decoder's own sequence and tags (target_ids, target_mask, case_tags, space_tags [B,T'])
+        # targets: the decoder's own sequence and tags (target_ids, target_mask, case_tags, space_tags [B,T']),
+        # fact_tags [B,T'] (training, fact_weight != 1: 1 at the pieces of numbers and names)
+        fact_tags = targets.pop("fact_tags", None)
         vec = self.model.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         sep = None
         if self.training and self.separation_weight > 0 and pair_of is not None and pair_of.numel():
@@ -205,6 +220,10 @@ class Objective(nn.Module):
         out["pairs"] = 0 if sep is None else int(pair_of.numel())
         if sep is not None:
             loss = loss + self.separation_weight * sep
+        if self.training and fact_tags is not None and self.fact_weight != 1:
+            # swap the model's plain mean CE for the fact-weighted one (same per-piece CE; out["ce"] stays plain)
+            loss = loss + fact_weighted_ce(out["logits"], out["labels"], fact_tags[:, 1:], self.fact_weight) \
+                - fact_weighted_ce(out["logits"], out["labels"], None, 1.0)
         if self.sim_loss_weight > 0 and self.training:
             sim = self.sim_loss(out["logits"], out["labels"], input_ids, attention_mask)
             loss = loss + self.sim_loss_weight * sim

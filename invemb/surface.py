@@ -68,13 +68,15 @@ def _spell(piece: str, cont: bool, written: str, vocab: dict, known) -> list[tup
 
 def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, max_length: int, special: set,
                 practice: float = 0.0, rng: random.Random | None = None):
-    """One tokenized text -> lists (ids, case, space) incl. [CLS]/[SEP], spelled where needed, cut at max_length.
+    """One tokenized text -> lists (ids, case, space, fact) incl. [CLS]/[SEP], spelled where needed, cut at
+    max_length. fact: 1 for the pieces of a number (a word piece holding a digit) and of a name (a capitalised word
+    after the text's first word; what invemb.metrics' name recall asks back), else 0.
     `special`: the tokenizer's special ids (computed once per call of decoder_targets, not per text).
     `practice`: the chance (drawn from `rng`) that a piece of a capitalised word is spelled although the decoder
     could predict it whole: training texts only, so the decoder practises the spelling it needs for pieces outside
     its vocabulary (mostly rare names), which the training split alone never asks of it."""
-    ids, case, space = [tokenizer.cls_token_id], [NO_TAG], [NO_TAG]
-    prev_end, capital = None, False
+    ids, case, space, fact = [tokenizer.cls_token_id], [NO_TAG], [NO_TAG], [0]
+    prev_end, capital, later_word = None, False, False
     for tid, tok, (start, end) in zip(enc.ids, enc.tokens, enc.offsets):
         if tid in special and tid != tokenizer.unk_token_id:
             continue
@@ -82,9 +84,11 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
         piece = tok[2:] if cont else tok
         written = text[start:end]
         gap = int(prev_end is not None and start > prev_end and not cont)
+        later_word = later_word or bool(gap)  # past the first word (a word ends at a space)
         prev_end = end
         if not cont:  # a word's later pieces belong to the capitalised word their first piece starts
             capital = written[:1].isupper()
+        is_fact = int(any(c.isdigit() for c in piece) or (capital and later_word and piece.isalpha()))
         spelled = None
         if len(piece) > 1 and ((known is not None and tid not in known) or
                                (spell_numbers and any(c.isdigit() for c in piece)) or
@@ -92,12 +96,13 @@ def _encode_one(enc, text: str, tokenizer, vocab, known, spell_numbers: bool, ma
             spelled = _spell(piece, cont, written, vocab, known)
         if spelled is None:
             ids.append(tid), case.append(_case_of(written, piece) if tid != tokenizer.unk_token_id else LOWER)
-            space.append(gap)
+            space.append(gap), fact.append(is_fact)
             continue
         for j, (sub, ch) in enumerate(spelled):
             ids.append(sub), case.append(_case_of(ch, piece[j])), space.append(gap if j == 0 else 0)
-    ids, case, space = ids[:max_length - 1], case[:max_length - 1], space[:max_length - 1]
-    return ids + [tokenizer.sep_token_id], case + [NO_TAG], space + [NO_TAG]
+            fact.append(is_fact)
+    ids, case, space, fact = ids[:max_length - 1], case[:max_length - 1], space[:max_length - 1], fact[:max_length - 1]
+    return ids + [tokenizer.sep_token_id], case + [NO_TAG], space + [NO_TAG], fact + [0]
 
 
 def tag_rows(ids: Sequence[Sequence[int]], bos: int, eos: int, max_length: int) -> tuple[np.ndarray, int]:
@@ -117,7 +122,8 @@ def tag_rows(ids: Sequence[Sequence[int]], bos: int, eos: int, max_length: int) 
 def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None,
                     spell_numbers: bool = False, practice: float = 0.0, seed: int = 0) -> dict[str, np.ndarray]:
     """Cleaned texts -> the decoder's targets, padded: ids int32 [B,T] ([CLS] pieces [SEP], pad 0), mask int8 [B,T],
-    case / space int8 [B,T] (NO_TAG at specials and padding). `known`: the tokenizer ids the decoder can predict
+    case / space int8 [B,T] (NO_TAG at specials and padding), fact int8 [B,T] (1: a piece of a number or a name;
+    _encode_one). `known`: the tokenizer ids the decoder can predict
     (its compact vocabulary; None: all); pieces outside it, and numbers with `spell_numbers`, are spelled.
     `practice` > 0 (training texts): pieces of capitalised words are also spelled by chance, drawn from `seed`
     (the same texts and seed give the same targets; a text repeated in the list gets its own draw)."""
@@ -134,10 +140,12 @@ def decoder_targets(tokenizer, texts: Sequence[str], max_length: int, known=None
                     for e, t in zip(encs, chunk))
     width = max((len(r[0]) for r in rows), default=2)
     out = {"ids": np.zeros((len(rows), width), np.int32), "mask": np.zeros((len(rows), width), np.int8),
-           "case": np.full((len(rows), width), NO_TAG, np.int8), "space": np.full((len(rows), width), NO_TAG, np.int8)}
-    for i, (ids, case, space) in enumerate(rows):
+           "case": np.full((len(rows), width), NO_TAG, np.int8), "space": np.full((len(rows), width), NO_TAG, np.int8),
+           "fact": np.zeros((len(rows), width), np.int8)}
+    for i, (ids, case, space, fact) in enumerate(rows):
         n = len(ids)
         out["ids"][i, :n], out["mask"][i, :n], out["case"][i, :n], out["space"][i, :n] = ids, 1, case, space
+        out["fact"][i, :n] = fact
     return out
 
 

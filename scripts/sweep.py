@@ -55,6 +55,13 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
     "swaps": ["augment_numbers=3", "augment_names=2", "noise_sigma=0"],
     "sep": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
             "separation_margin=0.5"],
+    # round 7 (continuing the candidate models/invemb-minilm-s768-facts = round 6's sep, 1.63 CPU h on; its hinge
+    # averaged 0.02: most one-fact pairs were already beyond 0.5 apart; results/sweep_facts4.md): a wider margin,
+    # and the facts' pieces weighted in the cross-entropy
+    "sep-m0.8": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
+                 "separation_margin=0.8"],
+    "sep-fw3": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
+                "separation_margin=0.5", "fact_weight=3.0"],  # + the pieces of numbers and names weigh 3 in the CE
 }
 
 

@@ -202,6 +202,16 @@ def tokenizer():
     return load_tokenizer(preset("toy").model.encoder.model_name)
 
 
+def test_decoder_targets_tag_the_pieces_of_numbers_and_names(tokenizer):
+    text = "Boeing delivers 737 jets to Lagos, Reuters says"
+    t = decoder_targets(tokenizer, [text], 64)
+    n = int(t["mask"][0].sum())
+    pieces = tokenizer.convert_ids_to_tokens(t["ids"][0, :n].tolist())
+    tagged = [p for p, f in zip(pieces, t["fact"][0, :n]) if f]
+    assert "".join(p.lstrip("#") for p in tagged) == "737lagosreuters"  # every piece of the number and the names
+    assert t["fact"][0, n:].sum() == 0 and t["fact"][0, 0] == 0  # not [CLS], not padding; "Boeing" is the first word
+
+
 @pytest.mark.parametrize("spell", [False, True])
 def test_surface_codec_gives_back_hand_made_cases(tokenizer, spell):
     table = build_table(tokenizer, WRITTEN, 40)

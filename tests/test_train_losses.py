@@ -9,8 +9,8 @@ import torch
 
 from invemb.config import preset
 from invemb.errors import InvembError
-from invemb.losses import (IGNORE, Objective, SentenceSimilarityLoss, add_vector_noise, load_paraphrases,
-                           min_paraphrase_ce, per_example_ce)
+from invemb.losses import (IGNORE, Objective, SentenceSimilarityLoss, add_vector_noise, fact_weighted_ce,
+                           load_paraphrases, min_paraphrase_ce, per_example_ce)
 
 TEXTS = ["oil prices fall as opec output rises", "stocks rally after fed holds rates steady"]
 
@@ -210,3 +210,31 @@ def test_objective_adds_the_separation_term_in_training_only(toy):
     assert torch.isclose(out["loss"], out["ce"] + out["surface"] + 2.0 * out["sep"])
     assert float(Objective(toy, separation_weight=2.0).eval()(**batch, **pairs)["sep"]) == 0.0
     assert float(Objective(toy).train()(**batch, **pairs)["sep"]) == 0.0  # weight 0: off
+
+
+def test_fact_weighted_ce_is_a_weighted_mean_of_the_piece_losses():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 3, 5), torch.tensor([[1, 2, IGNORE], [4, 0, 3]])
+    fact = torch.tensor([[0, 1, 1], [0, 0, 1]])  # a fact tag on an ignored position counts for nothing
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                           reduction="none").view(2, 3)
+    assert torch.isclose(fact_weighted_ce(logits, labels, None, 1.0),
+                         torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
+    want = (ce[0, 0] + 3 * ce[0, 1] + ce[1, 0] + ce[1, 1] + 3 * ce[1, 2]) / 9
+    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 3.0), want)
+    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 1.0), fact_weighted_ce(logits, labels, None, 1.0))
+
+
+def test_objective_weighs_the_pieces_of_facts_in_training_only(toy):
+    texts = ["Tesla up 5.5% after Lagos deal", "stocks rally after Fed holds rates steady"]
+    t = toy.decoder_targets(texts)
+    batch = {**toy.tokenize(texts), "target_ids": torch.from_numpy(t["ids"]).long(),
+             "target_mask": torch.from_numpy(t["mask"]).long(), "fact_tags": torch.from_numpy(t["fact"]).long()}
+    assert int(batch["fact_tags"].sum()) >= 3  # 5.5 / Lagos / Fed: tagged by the targets
+    obj = Objective(toy, fact_weight=4.0).train()
+    out = obj(**batch)
+    extra = fact_weighted_ce(out["logits"], out["labels"], batch["fact_tags"][:, 1:], 4.0) - out["ce"]
+    assert abs(float(extra.detach())) > 1e-4  # the weighting changes the loss ...
+    assert torch.isclose(out["loss"], out["ce"] + out["surface"] + extra, atol=1e-5)  # ... by exactly that
+    ev = Objective(toy, fact_weight=4.0).eval()(**batch)  # evaluation: the plain mean, comparable across recipes
+    assert torch.isclose(ev["loss"], ev["ce"] + ev["surface"])

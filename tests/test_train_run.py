@@ -363,14 +363,19 @@ def test_training_only_the_surface_heads_keeps_every_other_weight(uninterrupted,
         assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
-def test_the_separation_term_trains_through_the_launcher(tmp_path):
-    """separation_weight > 0: rows with a one-fact variant among the training texts (here the number swaps of
-    headlines that hold a number) are paired in each batch and the hinge is logged and added to the loss."""
+def _number_headlines(tmp_path):
     kinds = itertools.product(["Apple", "Tesla", "Boeing", "Ford"], ["shares jump", "profit falls"],
                               ["after earnings", "on demand", "as oil rises"])
     rows = [f"{c} {e} {n}% {r}" for (c, e, r), n in zip(kinds, range(3, 99, 4))]  # 24 headlines, each a number
     data = tmp_path / "numbers.txt"
     data.write_text("\n".join(rows) + "\n")
+    return data
+
+
+def test_the_separation_term_trains_through_the_launcher(tmp_path):
+    """separation_weight > 0: rows with a one-fact variant among the training texts (here the number swaps of
+    headlines that hold a number) are paired in each batch and the hinge is logged and added to the loss."""
+    data = _number_headlines(tmp_path)
     out = tmp_path / "sep"
     p = launch(["--config", TOY, "--data", data, "--out", out, "batch_size=8", "max_steps=3", "val_limit=4",
                 "log_every=1", "eval_every=3", "save_every=3", "augment_numbers=2", "separation_weight=0.5",
@@ -385,3 +390,22 @@ def test_the_separation_term_trains_through_the_launcher(tmp_path):
     from invemb.training.card import recipe_line
     recipe = json.loads((out / "config.json").read_text())
     assert "separation term 0.5 x max(0, 5.0 - the relative distance" in recipe_line(recipe, None, "run", True)
+
+
+def test_fact_weight_trains_through_the_launcher(tmp_path):
+    """fact_weight > 1: the pieces of numbers (and names) weigh more in the training loss; the logged ce stays the
+    plain mean, so the loss differs from ce + surface by the weighting alone."""
+    data, out = _number_headlines(tmp_path), tmp_path / "facts"
+    p = launch(["--config", TOY, "--data", data, "--out", out, "batch_size=8", "max_steps=3", "val_limit=4",
+                "log_every=1", "eval_every=3", "save_every=3", "fact_weight=3.0", "model.decoder.surface_heads=true"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = records(out, "train")
+    assert train and all(r["loss"] != pytest.approx(r["ce"] + r["surface"], rel=1e-4) for r in train)
+    assert all(math.isfinite(r["loss"]) for r in train)
+    for bad, match in (("fact_weight=0.5", "fact_weight must be >= 1"),
+                       ("fact_weight=2", "fact_weight needs the decoder's own targets")):  # toy: no tags to weigh
+        p = launch(["--config", TOY, "--data", data, "--out", tmp_path / "bad", "max_steps=1", bad])
+        assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    from invemb.training.card import recipe_line
+    recipe = json.loads((out / "config.json").read_text())
+    assert "the pieces of numbers and names weigh 3.0 in the cross-entropy" in recipe_line(recipe, None, "run", True)

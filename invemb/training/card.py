@@ -123,6 +123,8 @@ def recipe_line(recipe: dict, recipe_file: str | None, run: str, frozen: bool) -
     if r.get("separation_weight"):
         parts.append(f"separation term {r['separation_weight']} x max(0, {r.get('separation_margin')} - the relative "
                      "distance of a headline's vector to a one-fact variant's)")
+    if r.get("fact_weight", 1) != 1:
+        parts.append(f"the pieces of numbers and names weigh {r['fact_weight']} in the cross-entropy")
     if r.get("cpu_bf16"):
         parts.append("bf16 autocast where the CPU has AMX/AVX512-BF16 (\"bf16\" in a machine cell: on in that run)")
     where = f"`{recipe_file}`" if recipe_file else f"the config.json of {run}"

@@ -138,7 +138,7 @@ class Trainer:
         sim = (SentenceSimilarityLoss(model.tokenizer, cfg.sim_model, cfg.gumbel_tau)
                if cfg.sim_loss_weight > 0 else None)
         objective = Objective(model, cfg.noise_sigma, cfg.sim_loss_weight, sim, cfg.sampled_softmax, cfg.word_dropout,
-                              cfg.surface_weight, cfg.separation_weight, cfg.separation_margin)
+                              cfg.surface_weight, cfg.separation_weight, cfg.separation_margin, cfg.fact_weight)
         if self.ds_config is not None:
             self.eng = DeepSpeedEngine(objective, cfg, self.ds_config, self.factory)
         else:
@@ -205,6 +205,8 @@ class Trainer:
                          target_mask=tm[:, :t].to(self.device),
                          case_tags=torch.from_numpy(tgt["case"][rows, :t]).long().to(self.device),
                          space_tags=torch.from_numpy(tgt["space"][rows, :t]).long().to(self.device))
+            if training and self.cfg.fact_weight != 1:
+                batch["fact_tags"] = torch.from_numpy(tgt["fact"][rows, :t]).long().to(self.device)
         if self.features is not None and cache_rows is not None:  # cached backbone states [b,length,H]
             batch["hidden_states"] = self.features.states([cache_rows[r] for r in rows], length).to(self.device)
         if training and self.variant_of:  # the separation term's pairs and the paraphrase rows: training only

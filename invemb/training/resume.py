@@ -25,7 +25,7 @@ NOT_DATA_KEYS = frozenset({
     "noise_sigma", "sim_loss_weight", "gumbel_tau", "sim_model", "bertscore_subset", "decode_subset",
     "bertscore_model", "deepspeed_config", "feature_cache", "sampled_softmax", "train_acc_rows", "compact_vocab",
     "lr_schedule", "warmup_steps", "init_from", "word_dropout", "cpu_bf16", "gpu_bf16", "surface_weight", "train_only",
-    "separation_weight", "separation_margin",
+    "separation_weight", "separation_margin", "fact_weight",
     "model"})
 
 

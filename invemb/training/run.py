@@ -224,6 +224,10 @@ def main(argv=None) -> int:
         from invemb.training.resume import data_facts, data_state
         facts = data_facts(cfg, resolve_data_path(args.data), split, len(train))  # before augmentation
         vocab_ids = prepare_model_config(cfg, train)
+        from invemb.training.targets import own_targets
+        if cfg.fact_weight != 1 and not own_targets(cfg):  # the fact tags come with the decoder's own targets
+            raise InvembError("fact_weight needs the decoder's own targets (their fact tags): model.decoder."
+                              "surface_heads, spell_numbers or a compact output vocabulary")
         train, cache_groups = augment(cfg, train, [r.text for r in split.train + split.val], rank == 0)
         stage = int(ds_config["zero_optimization"].get("stage", 0)) if ds_config else 0
         data = data_state(cfg, train, facts)  # the training texts' fingerprint: the checkpoints hold it
