@@ -155,16 +155,17 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def fact_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, fact: torch.Tensor | None, weight: float
-                     ) -> torch.Tensor:
+def fact_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, fact: torch.Tensor | None, weight: float,
+                     minus_plain: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the labelled pieces with those where `fact` is 1 weighing `weight` (the others 1):
-    sum(w * ce) / sum(w). logits [B,T,C], labels [B,T] (IGNORE: none), fact [B,T] 0/1 or None (the plain mean)."""
+    sum(w * ce) / sum(w). logits [B,T,C], labels [B,T] (IGNORE: none), fact [B,T] 0/1 or None (the plain mean).
+    minus_plain: that minus the plain mean, from one pass over the logits (what Objective adds to the model's loss)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                          reduction="none").view_as(labels)  # [B,T]
-    w = (labels != IGNORE).float()  # [B,T]
-    if fact is not None:
-        w = w * (1 + (weight - 1) * fact.float())
-    return (ce * w).sum() / w.sum().clamp(min=1)
+    valid = (labels != IGNORE).float()  # [B,T]
+    w = valid if fact is None else valid * (1 + (weight - 1) * fact.float())
+    weighted = (ce * w).sum() / w.sum().clamp(min=1)
+    return weighted - (ce * valid).sum() / valid.sum().clamp(min=1) if minus_plain else weighted
 
 
 class Objective(nn.Module):
@@ -222,8 +223,8 @@ class Objective(nn.Module):
             loss = loss + self.separation_weight * sep
         if self.training and fact_tags is not None and self.fact_weight != 1:
             # swap the model's plain mean CE for the fact-weighted one (same per-piece CE; out["ce"] stays plain)
-            loss = loss + fact_weighted_ce(out["logits"], out["labels"], fact_tags[:, 1:], self.fact_weight) \
-                - fact_weighted_ce(out["logits"], out["labels"], None, 1.0)
+            loss = loss + fact_weighted_ce(out["logits"], out["labels"], fact_tags[:, 1:], self.fact_weight,
+                                           minus_plain=True)
         if self.sim_loss_weight > 0 and self.training:
             sim = self.sim_loss(out["logits"], out["labels"], input_ids, attention_mask)
             loss = loss + self.sim_loss_weight * sim

@@ -223,6 +223,8 @@ def test_fact_weighted_ce_is_a_weighted_mean_of_the_piece_losses():
     want = (ce[0, 0] + 3 * ce[0, 1] + ce[1, 0] + ce[1, 1] + 3 * ce[1, 2]) / 9
     assert torch.isclose(fact_weighted_ce(logits, labels, fact, 3.0), want)
     assert torch.isclose(fact_weighted_ce(logits, labels, fact, 1.0), fact_weighted_ce(logits, labels, None, 1.0))
+    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 3.0, minus_plain=True),
+                         want - fact_weighted_ce(logits, labels, None, 1.0))
 
 
 def test_objective_weighs_the_pieces_of_facts_in_training_only(toy):
