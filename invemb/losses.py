@@ -155,17 +155,19 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def fact_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, fact: torch.Tensor | None, weight: float,
-                     minus_plain: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pieces with those where `fact` is 1 weighing `weight` (the others 1):
-    sum(w * ce) / sum(w). logits [B,T,C], labels [B,T] (IGNORE: none), fact [B,T] 0/1 or None (the plain mean).
-    minus_plain: that minus the plain mean, from one pass over the logits (what Objective adds to the model's loss)."""
+def fact_weighted_ce(logits: torch.Tensor, labels: torch.Tensor, fact: torch.Tensor | None, weight: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted, plain) mean cross-entropy over the labelled pieces from one pass over the logits: weighted =
+    sum(w * ce) / sum(w) with the pieces where `fact` is 1 weighing `weight` (the others 1), plain = the plain mean.
+    logits [B,T,C], labels [B,T] (IGNORE: none), fact [B,T] 0/1 or None (weighted = plain)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                          reduction="none").view_as(labels)  # [B,T]
     valid = (labels != IGNORE).float()  # [B,T]
-    w = valid if fact is None else valid * (1 + (weight - 1) * fact.float())
-    weighted = (ce * w).sum() / w.sum().clamp(min=1)
-    return weighted - (ce * valid).sum() / valid.sum().clamp(min=1) if minus_plain else weighted
+    plain = (ce * valid).sum() / valid.sum().clamp(min=1)
+    if fact is None:
+        return plain, plain
+    w = valid * (1 + (weight - 1) * fact.float())
+    return (ce * w).sum() / w.sum().clamp(min=1), plain
 
 
 class Objective(nn.Module):
@@ -203,7 +205,8 @@ class Objective(nn.Module):
         # one-fact variants those rows are separated from (training only);
         # targets: the decoder's own sequence and tags (target_ids, target_mask, case_tags, space_tags [B,T']),
         # fact_tags [B,T'] (training, fact_weight != 1: 1 at the pieces of numbers and names)
-        fact_tags = targets.pop("fact_tags", None)
+        if not (self.training and self.fact_weight != 1):
+            targets.pop("fact_tags", None)  # evaluation: the plain mean, comparable across recipes
         vec = self.model.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         sep = None
         if self.training and self.separation_weight > 0 and pair_of is not None and pair_of.numel():
@@ -213,18 +216,15 @@ class Objective(nn.Module):
             vec = add_vector_noise(vec, self.noise_sigma)
         out = self.model(input_ids, attention_mask, sentence_embedding=vec,
                          sampled_negatives=self.sampled_negatives if self.training else 0,
-                         word_dropout=self.word_dropout, surface_weight=self.surface_weight, **targets)
+                         word_dropout=self.word_dropout, surface_weight=self.surface_weight,
+                         fact_weight=self.fact_weight, **targets)
         loss, zero = out["loss"], out["loss"].detach() * 0
         surface = out.get("surface", zero).detach()
-        out["ce"], out["sim"], out["para"] = out["loss"].detach() - self.surface_weight * surface, zero, zero
+        out["sim"], out["para"] = zero, zero  # out["ce"]: the model's plain mean cross-entropy
         out["surface"], out["sep"] = surface, zero if sep is None else sep.detach()
         out["pairs"] = 0 if sep is None else int(pair_of.numel())
         if sep is not None:
             loss = loss + self.separation_weight * sep
-        if self.training and fact_tags is not None and self.fact_weight != 1:
-            # swap the model's plain mean CE for the fact-weighted one (same per-piece CE; out["ce"] stays plain)
-            loss = loss + fact_weighted_ce(out["logits"], out["labels"], fact_tags[:, 1:], self.fact_weight,
-                                           minus_plain=True)
         if self.sim_loss_weight > 0 and self.training:
             sim = self.sim_loss(out["logits"], out["labels"], input_ids, attention_mask)
             loss = loss + self.sim_loss_weight * sim

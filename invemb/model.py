@@ -110,7 +110,8 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
                 hidden_states: torch.Tensor | None = None, sampled_negatives: int = 0,
                 word_dropout: float = 0.0, target_ids: torch.Tensor | None = None,
                 target_mask: torch.Tensor | None = None, case_tags: torch.Tensor | None = None,
-                space_tags: torch.Tensor | None = None, surface_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                space_tags: torch.Tensor | None = None, surface_weight: float = 1.0,
+                fact_tags: torch.Tensor | None = None, fact_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Teacher-forced pass. Decoder input = [CLS] tokens, labels = tokens [SEP] (pad -> -100), in the decoder's
         output ids (compact ids for a compact vocabulary). hidden_states [B,T,H]: cached backbone states.
         target_ids/target_mask [B,T'] (invemb.surface.decoder_targets: spelled numbers / unknown pieces): the
@@ -120,7 +121,10 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         pieces; `logits`/`labels` are then over those candidates (evaluation always uses the full softmax).
         word_dropout > 0 (training mode only): that share of decoder inputs after [CLS] becomes [MASK], so the next
         piece must come from the vector more often than from the previous pieces (labels are unchanged; a dropped
-        piece has no tag target: its tag heads cannot see it)."""
+        piece has no tag target: its tag heads cannot see it).
+        fact_tags [B,T'] (1: a piece of a number or a name; decoder_targets) with fact_weight != 1: the loss's
+        cross-entropy is the mean over pieces with those weighing fact_weight (invemb.losses.fact_weighted_ce, one
+        pass over the logits); `ce` in the output is the plain mean either way."""
         if sentence_embedding is None:
             sentence_embedding = self.encoder(input_ids, attention_mask, hidden_states)  # [B,S]
         seq, seq_mask = (input_ids, attention_mask) if target_ids is None else (target_ids.long(), target_mask)
@@ -142,8 +146,13 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
                               self.decoder.sampled_logits(sentence_embedding, dec_in, labels, sampled_negatives))
         else:
             logits = self.decoder.head(states) if tags else self.decoder(sentence_embedding, dec_in)  # [B,T-1,V]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-        out = {"loss": loss, "logits": logits, "labels": labels, "sentence_embedding": sentence_embedding}
+        if fact_tags is not None and fact_weight != 1:
+            from invemb.losses import fact_weighted_ce
+            loss, ce = fact_weighted_ce(logits, labels, fact_tags[:, 1:], fact_weight)
+        else:
+            loss = ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        out = {"loss": loss, "ce": ce.detach(), "logits": logits, "labels": labels,
+               "sentence_embedding": sentence_embedding}
         if tags:
             out["surface"] = self._surface_loss(states, dec_in, case_tags, space_tags, drop)
             out["loss"] = loss + surface_weight * out["surface"]

@@ -218,13 +218,12 @@ def test_fact_weighted_ce_is_a_weighted_mean_of_the_piece_losses():
     fact = torch.tensor([[0, 1, 1], [0, 0, 1]])  # a fact tag on an ignored position counts for nothing
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                            reduction="none").view(2, 3)
-    assert torch.isclose(fact_weighted_ce(logits, labels, None, 1.0),
-                         torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    assert all(torch.isclose(x, plain) for x in fact_weighted_ce(logits, labels, None, 3.0))  # no tags: plain
     want = (ce[0, 0] + 3 * ce[0, 1] + ce[1, 0] + ce[1, 1] + 3 * ce[1, 2]) / 9
-    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 3.0), want)
-    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 1.0), fact_weighted_ce(logits, labels, None, 1.0))
-    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 3.0, minus_plain=True),
-                         want - fact_weighted_ce(logits, labels, None, 1.0))
+    weighted, also_plain = fact_weighted_ce(logits, labels, fact, 3.0)
+    assert torch.isclose(weighted, want) and torch.isclose(also_plain, plain)
+    assert torch.isclose(fact_weighted_ce(logits, labels, fact, 1.0)[0], plain)  # weight 1: the plain mean
 
 
 def test_objective_weighs_the_pieces_of_facts_in_training_only(toy):
@@ -235,7 +234,9 @@ def test_objective_weighs_the_pieces_of_facts_in_training_only(toy):
     assert int(batch["fact_tags"].sum()) >= 3  # 5.5 / Lagos / Fed: tagged by the targets
     obj = Objective(toy, fact_weight=4.0).train()
     out = obj(**batch)
-    extra = fact_weighted_ce(out["logits"], out["labels"], batch["fact_tags"][:, 1:], 4.0) - out["ce"]
+    weighted, plain = fact_weighted_ce(out["logits"], out["labels"], batch["fact_tags"][:, 1:], 4.0)
+    assert torch.isclose(out["ce"], plain)  # the logged ce: the plain mean
+    extra = weighted - plain
     assert abs(float(extra.detach())) > 1e-4  # the weighting changes the loss ...
     assert torch.isclose(out["loss"], out["ce"] + out["surface"] + extra, atol=1e-5)  # ... by exactly that
     ev = Objective(toy, fact_weight=4.0).eval()(**batch)  # evaluation: the plain mean, comparable across recipes
