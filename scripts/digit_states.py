@@ -2,7 +2,7 @@
 read as the tokenizer writes them ("587" -> "58 ##7") and as single digits ("5 ##8 ##7").
 
     python scripts/digit_states.py --data ../shared/data/financial-news-headlines \
-        --checkpoint models/invemb-minilm-s768-facts --pairs 150 --out results/digit_states   # ~30 s on 2 cores
+        --pairs 150 --out results/digit_states          # the shipped model; ~30 s on 2 cores
 
 Pairs: invemb.facts.one_change_pairs (one number of a validation headline redrawn, same shape; the fidelity
 report's distance table), study: invemb.fidelity.backbone_number_study. Writes <out>.md and <out>.json.

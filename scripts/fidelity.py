@@ -232,7 +232,9 @@ def render(res: dict, seconds: float) -> str:
     split_line = (f"Split from the model's recipe: val_fraction {sp['val_fraction']}, seed {sp['seed']}, "
                   f"holdout_newest_days {sp['holdout_newest_days']}, training noise sigma {sp['noise_sigma']}."
                   if sp and sp.get("from_recipe") else "The checkpoint has no recipe: the default split (10%, seed 0).")
-    lines = ["# Fidelity of the shipped model", "",
+    from invemb.shipped import DEFAULT_MODEL
+    title = "the shipped model" if res["model"] == f"models/{DEFAULT_MODEL}" else f"`{res['model']}`"
+    lines = [f"# Fidelity of {title}", "",
              f"Model: `{res['model']}`; {hist.get('steps_cumulative', '?')} training steps, "
              f"{hist.get('cpu_hours_cumulative', '?')} CPU hours since scratch{gpu}. Machine: {res['machine']}. "
              f"Command: `{res['command']}` ({seconds / 60:.0f} min). {split_line if sp else ''}", "",
