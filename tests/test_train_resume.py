@@ -132,6 +132,9 @@ def test_augmentation_keys_are_data_keys():
     from invemb.training.resume import NOT_DATA_KEYS, data_keys
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     keys = set(data_keys())
-    assert {n for n in names if n.startswith(("augment_", "splice_", "crop_", "fact_", "holdout_"))} <= keys
+    # (fact_weight is the one fact_ key that is no data: a loss weight, in NOT_DATA_KEYS like separation_weight)
+    assert {n for n in names if n.startswith(("augment_", "splice_", "crop_", "fact_", "holdout_"))
+            and n != "fact_weight"} <= keys
+    assert "fact_weight" in NOT_DATA_KEYS and "fact_rounds" in keys
     assert {"seed", "val_fraction", "train_limit", "bucket_batches", "paraphrase_file"} <= keys
     assert keys | (NOT_DATA_KEYS & set(names)) == set(names) and not keys & NOT_DATA_KEYS
