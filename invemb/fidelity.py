@@ -19,6 +19,7 @@ import numpy as np
 from invemb.evaluate import evaluate
 from invemb.losses import add_vector_noise
 from invemb.metrics import bleu, exact_match, fact_metrics, positional_token_accuracy, surface_metrics
+from invemb.surface import _spell  # digit_pieces spells numbers as the decoder's targets do
 
 REPORT_ROWS = [  # the reference report's validation numbers (its table; no exact match / BLEU reported)
     {"model": "report: FinBERT + attention pooling, S=768, transformer decoder", "token_acc": 0.502},
@@ -240,14 +241,13 @@ def distance_table(model, texts: list[str], per_kind: int = 50, seed: int = 0, n
 def digit_pieces(tokenizer, text: str, max_length: int) -> list[int]:
     """[CLS] + `text`'s WordPiece ids with every piece that holds a digit written one character a piece + [SEP]
     ("587" -> "58 ##7" as the tokenizer reads it -> "5 ##8 ##7"): the encoder's input if numbers were single digits."""
-    out = []
+    vocab, ids = tokenizer.get_vocab(), []
     for tok in tokenizer.tokenize(text):
-        body = tok[2:] if tok.startswith("##") else tok
-        if len(body) > 1 and any(c.isdigit() for c in body):
-            out += [("##" if (tok.startswith("##") or j) else "") + ch for j, ch in enumerate(body)]
-        else:
-            out.append(tok)
-    ids = tokenizer.convert_tokens_to_ids(out)[:max_length - 2]
+        cont = tok.startswith("##")
+        body = tok[2:] if cont else tok
+        spelled = _spell(body, cont, body, vocab, None) if len(body) > 1 and any(c.isdigit() for c in body) else None
+        ids += [i for i, _ in spelled] if spelled else [vocab.get(tok, tokenizer.unk_token_id)]
+    ids = ids[:max_length - 2]
     return [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
 
 

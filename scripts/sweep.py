@@ -62,6 +62,10 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
                  "separation_margin=0.8"],
     "sep-fw3": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
                 "separation_margin=0.5", "fact_weight=3.0"],  # + the pieces of numbers and names weigh 3 in the CE
+    # round 8 (continuing the default = round 7's sep-fw3, 108,614 steps; results/sweep_facts5.md): sep-fw3 again as
+    # the control, against the facts' pieces weighing 6
+    "sep-fw6": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
+                "separation_margin=0.5", "fact_weight=6.0"],
 }
 
 

@@ -224,6 +224,27 @@ def test_card_names_the_default_decode_of_beam_rows():
     assert list(card_metrics(fid)) == ["validation (24), greedy", "validation (24), beam4"]
 
 
+def test_card_gives_the_facts_of_a_fidelity_run():
+    """Issue 29's figures reach the card: each row's number / name recall and all-facts-right share, the perturbed
+    set's recall beside its originals', and the one-change distances with the training noise; rows of an older
+    fidelity JSON without facts keep their plain text."""
+    from invemb.training.ship import card_metrics
+    row = {"token_acc": 0.5, "exact_match": 0.2, "bleu": 30.0, "bertscore_f1": 0.8, "scored_n": 5}
+    facts = {**row, "number_recall": 0.875, "name_recall": 0.9, "facts_all_right": 0.8125}
+    fid = {"val": {"n": 24, "beam4": facts}, "newest": {"n": 5, "from": "2020-07-01", "beam4": row},
+           "perturbed": {"n": 12, "beam": 4, "originals": {**facts, "number_recall": 0.95, "name_recall": 0.96},
+                         "perturbed": {**facts, "number_recall": 0.5, "name_recall": 0.75}},
+           "distance": {"noise_sigma": 0.0, "rows": [{"kind": "number", "mean": 0.4181},
+                                                      {"kind": "name", "mean": 0.54}]}}
+    card = card_metrics(fid)
+    assert card["validation (24), beam4"].endswith("; facts: numbers 0.875, names 0.900, all facts right 0.812")
+    assert "facts" not in card["newest headlines (from 2020-07-01) (not held out) (5), beam4"]
+    assert card["perturbed facts (12 validation headlines, random numbers + swapped names), beam 4"] == \
+        "numbers 0.500, names 0.750 (the originals: 0.950, 0.960)"
+    assert card["one-change distance, mean (relative to the vector's size)"] == \
+        "number 0.418, name 0.540 (training noise sigma 0.0)"
+
+
 def test_fit_to_time_ends_the_cosine_at_the_deadline(monkeypatch):
     """fit_to_time: the schedule's length is the steps the pace so far fits before max_minutes (capped by
     max_steps), so the cosine reaches min_lr when time runs out instead of being cut off mid-way; a resumed

@@ -164,7 +164,18 @@ def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = 
                     f"token acc {m['token_acc']:.3f}, exact {m['exact_match']:.3f}, BLEU {m['bleu']:.1f}, "
                     f"BERTScore {m['bertscore_f1']:.3f} (first {m['scored_n']})"
                     + (f"; as written: exact {m['raw_exact']:.3f}, cased BLEU {m['cased_bleu']:.1f}"
-                       if "raw_exact" in m else ""))
+                       if "raw_exact" in m else "") + _facts(m))
+    pert = metrics.get("perturbed") or {}
+    if "perturbed" in pert and "originals" in pert:  # does the vector CARRY the facts, or does the prior guess them
+        out[f"perturbed facts ({pert['n']:,} validation headlines, random numbers + swapped names), "
+            f"beam {pert.get('beam', 4)}"] = (
+            f"numbers {pert['perturbed']['number_recall']:.3f}, names {pert['perturbed']['name_recall']:.3f} "
+            f"(the originals: {pert['originals']['number_recall']:.3f}, {pert['originals']['name_recall']:.3f})")
+    rows = {r["kind"]: r for r in (metrics.get("distance") or {}).get("rows", [])}
+    if rows:
+        out["one-change distance, mean (relative to the vector's size)"] = ", ".join(
+            f"{kind} {r['mean']:.3f}" for kind, r in rows.items()) + \
+            f" (training noise sigma {metrics['distance'].get('noise_sigma', '?')})"
     tf = metrics["val"].get("teacher_forced", {})
     if tf:
         out["teacher-forced top-1 / top-5 / top-100 (validation)"] = \
@@ -179,6 +190,14 @@ def card_metrics(metrics: dict, data: dict | None = None, recipe: dict | None = 
             out[f"validation ({row['n']:,}), {row['decode']}"] = (
                 f"token acc {row['token_acc']:.3f}, exact {row['exact_match']:.3f}, BLEU {row['bleu']:.1f}")
     return out
+
+
+def _facts(m: dict) -> str:
+    """A metrics row's facts (invemb.metrics.fact_metrics), when the fidelity run measured them."""
+    if "number_recall" not in m:
+        return ""
+    return (f"; facts: numbers {m['number_recall']:.3f}, names {m['name_recall']:.3f}, "
+            f"all facts right {m['facts_all_right']:.3f}")
 
 
 def _init_info(init_from: str) -> dict:
