@@ -178,6 +178,17 @@ def test_shipping_keeps_one_lineage_entry_per_run(uninterrupted, data, tmp_path)
     from invemb.training.ship import write_card
     card = write_card(shipped).read_text()
     assert card.count(f"| {cpu_name()}, ") == 2, card  # one machine cell per lineage row
+    # the folder second_run started from now holds a later model (a third run shipped into it): shipping second_run
+    # again keeps ITS lineage (recorded when it started), not the folder's new one
+    third_run = tmp_path / "c"
+    p = launch(["--config", TOY, "--data", data, "--out", third_run, *FAST, f"init_from={shipped}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    ship(third_run, shipped)
+    assert [h["steps_cumulative"] for h in json.loads((shipped / "config.json").read_text())["info"]["history"]] == \
+        [6, 12, 18]
+    again = json.loads((ship(second_run, tmp_path / "models" / "again") / "config.json").read_text())["info"]
+    assert [h["run"] for h in again["history"]] == [h["run"] for h in info["history"]]
+    assert [h["steps_cumulative"] for h in again["history"]] == [6, 12]
 
 
 def test_model_card_states_the_runs_own_data_and_recipe(uninterrupted, tmp_path):

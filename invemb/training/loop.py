@@ -27,6 +27,7 @@ from invemb.text import IGNORE
 from invemb.training.engine import DeepSpeedEngine, PlainEngine, init_distributed, prune, world_info
 from invemb.training.run_outputs import RunLogger, examples_table, git_hash, make_plots, read_metrics
 from invemb.training.schedule import Schedule
+from invemb.training.ship import record_init_info
 from invemb.training.targets import add_surface, freeze_for, paraphrase_tensors, training_targets
 
 KEEP_CHECKPOINTS = 2
@@ -101,6 +102,7 @@ class Trainer:
         if cfg.init_from:  # continue from a model folder (the shipped model): weights, compact vocabulary
             model = InvertibleEmbedder.from_pretrained(resolve_path(cfg.init_from))
             model.config = cfg.model  # the recipe's (equal up to dropout-like settings, checked by run.py)
+            record_init_info(self.out, cfg.init_from, self.main)
         else:
             model = InvertibleEmbedder(cfg.model)
             if self.vocab_ids is not None:

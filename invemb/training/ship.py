@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from invemb.errors import InvembError
-from invemb.paths import display_path
+from invemb.paths import display_path, resolve_path
 from invemb.training.card import gpu_minutes, write_card  # noqa: F401 (the model card: scripts/ship_model.py)
 from invemb.util import cpu_name, describe_machine
 
 MAX_BYTES = 25 * 2 ** 20
+INIT_INFO = "init_info.json"  # in a run: the lineage of its init_from model when the run started
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -71,7 +72,10 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     model, raw, state, tag = load_run_checkpoint(run, tag)
     vals = [r for r in _read_jsonl(run / "metrics.jsonl") if r["kind"] == "val" and r["step"] <= state["step"]]
     init_from = raw.get("init_from") or ""
-    prev_info = _init_info(init_from)  # continuing a shipped model: carry its history (cumulative CPU hours)
+    # continuing a shipped model: carry its history (cumulative CPU hours) as it was when the run started (the
+    # folder may since hold another model: a later ship into it); runs from before the record: the folder as it is
+    recorded = run / INIT_INFO
+    prev_info = json.loads(recorded.read_text()) if recorded.is_file() else _init_info(init_from)
     history, prev_curve = list(prev_info.get("history", [])), list(prev_info.get("curve", []))
     if history and history[-1].get("run") == str(run) and history[-1].get("init_from") == (init_from or None):
         # the model being replaced came from this same run (shipped again: a later checkpoint, or to add the
@@ -198,6 +202,14 @@ def _facts(m: dict) -> str:
         return ""
     return (f"; facts: numbers {m['number_recall']:.3f}, names {m['name_recall']:.3f}, "
             f"all facts right {m['facts_all_right']:.3f}")
+
+
+def record_init_info(out: Path, init_from: str, main: bool = True) -> None:
+    """At a run's start: the lineage ("info") of the model it starts from, kept in the run (INIT_INFO) for ship();
+    a resumed run keeps the record its first start wrote."""
+    path = Path(out) / INIT_INFO
+    if main and not path.exists():
+        path.write_text(json.dumps(_init_info(str(resolve_path(init_from)))))
 
 
 def _init_info(init_from: str) -> dict:
