@@ -238,10 +238,10 @@ def distance_table(model, texts: list[str], per_kind: int = 50, seed: int = 0, n
     return out
 
 
-def digit_pieces(tokenizer, text: str, max_length: int) -> list[int]:
+def digit_pieces(tokenizer, text: str, max_length: int, vocab: dict | None = None) -> list[int]:
     """[CLS] + `text`'s WordPiece ids with every piece that holds a digit written one character a piece + [SEP]
     ("587" -> "58 ##7" as the tokenizer reads it -> "5 ##8 ##7"): the encoder's input if numbers were single digits."""
-    vocab, ids = tokenizer.get_vocab(), []
+    vocab, ids = vocab or tokenizer.get_vocab(), []  # vocab: tokenizer.get_vocab(), built once by a caller of many
     for tok in tokenizer.tokenize(text):
         cont = tok.startswith("##")
         body = tok[2:] if cont else tok
@@ -260,6 +260,7 @@ def backbone_number_study(model, pairs: list[tuple[str, str]]) -> dict:
     reading the model was trained on, "pieces")."""
     import torch
     enc, tok, L = model.encoder, model.tokenizer, model.max_length
+    vocab = tok.get_vocab()  # once, for digit_pieces
 
     def run(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [N,T]
@@ -272,7 +273,7 @@ def backbone_number_study(model, pairs: list[tuple[str, str]]) -> dict:
     out = {"n": len(pairs)}
     for reading in ("pieces", "digits"):
         rows = [[tok(t, truncation=True, max_length=L)["input_ids"] if reading == "pieces" else
-                 digit_pieces(tok, t, L) for t in side] for side in zip(*pairs)]
+                 digit_pieces(tok, t, L, vocab) for t in side] for side in zip(*pairs)]
         (ha, ma, va), (hb, mb, vb) = run(rows[0]), run(rows[1])
         mean_a = ((ha * ma[..., None]).sum(1) / ma.sum(1, keepdim=True)).numpy()  # [N,H]
         mean_b = ((hb * mb[..., None]).sum(1) / mb.sum(1, keepdim=True)).numpy()

@@ -78,6 +78,7 @@ def ship(run: Path, out: Path, tag: str | None = None, metrics: dict | None = No
     prev_info = json.loads(recorded.read_text()) if recorded.is_file() else _init_info(init_from)
     history, prev_curve = list(prev_info.get("history", [])), list(prev_info.get("curve", []))
     if history and history[-1].get("run") == str(run) and history[-1].get("init_from") == (init_from or None):
+        # (runs from before the record only: a record is taken before its run ships anything)
         # the model being replaced came from this same run (shipped again: a later checkpoint, or to add the
         # fidelity metrics): replace its entry and its part of the curve instead of counting the run twice
         shipped_before = history.pop()
@@ -209,7 +210,7 @@ def record_init_info(out: Path, init_from: str, main: bool = True) -> None:
     a resumed run keeps the record its first start wrote."""
     path = Path(out) / INIT_INFO
     if main and not path.exists():
-        path.write_text(json.dumps(_init_info(str(resolve_path(init_from)))))
+        path.write_text(json.dumps(_init_info(init_from)))
 
 
 def _init_info(init_from: str) -> dict:
@@ -217,8 +218,7 @@ def _init_info(init_from: str) -> dict:
     from invemb.model import read_checkpoint_config
     if not init_from:
         return {}
-    p = Path(init_from)
-    try:
-        return dict(read_checkpoint_config(p if p.is_absolute() else Path.cwd() / p).get("info", {}))
+    try:  # resolved as the trainer resolves init_from to load it
+        return dict(read_checkpoint_config(resolve_path(init_from)).get("info", {}))
     except InvembError:
         return {}
