@@ -441,3 +441,43 @@ def test_fact_weight_trains_through_the_launcher(tmp_path):
     from invemb.training.card import recipe_line
     recipe = json.loads((out / "config.json").read_text())
     assert "the pieces of numbers and names weigh 3.0 in the cross-entropy" in recipe_line(recipe, None, "run", True)
+
+
+def test_average_of_a_model_and_its_continuation(uninterrupted, data, tmp_path):
+    """invemb.training.soup: (1 - w) * a + w * b tensor by tensor (w = 0 and 1 give a and b back), a loadable
+    model whose lineage is b's plus one averaged row at b's CPU hours; models of unrelated lineages are refused."""
+    from safetensors.torch import load_file
+    from invemb.errors import InvembError
+    from invemb.model import InvertibleEmbedder
+    from invemb.training.ship import ship
+    from invemb.training.soup import average_models
+    a = ship(uninterrupted, tmp_path / "a")
+    run_b = tmp_path / "run_b"
+    p = launch(["--config", TOY, "--data", data, "--out", run_b, *FAST, f"init_from={a}", "lr=5e-2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = ship(run_b, tmp_path / "b")
+    wa, wb = (load_file(str(m / "model.safetensors")) for m in (a, b))
+    moved = [k for k in wa if wa[k].is_floating_point() and not torch.equal(wa[k], wb[k])]
+    assert moved  # the continuation changed weights: the average is not trivially either model
+    for w, want in ((0.0, wa), (1.0, wb)):
+        got = load_file(str(average_models(a, b, w, tmp_path / f"w{w}") / "model.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    mid = average_models(a, b, 0.25, tmp_path / "mid", metrics={"bleu": 1.0})
+    got = load_file(str(mid / "model.safetensors"))
+    for k in moved:
+        assert got[k].dtype == wa[k].dtype
+        torch.testing.assert_close(got[k].float(), 0.75 * wa[k].float() + 0.25 * wb[k].float(), atol=2e-3, rtol=2e-3)
+    hist_b = json.loads((b / "config.json").read_text())["info"]["history"]
+    hist = json.loads((mid / "config.json").read_text())["info"]["history"]
+    assert hist[:-1] == hist_b and hist[-1]["averaged"]["weight_b"] == 0.25
+    assert hist[-1]["cpu_hours_cumulative"] == hist_b[-1]["cpu_hours_cumulative"] and hist[-1]["metrics"] == {"bleu": 1.0}
+    assert "average 0.75 x" in (mid / "README.md").read_text()
+    model = InvertibleEmbedder.from_pretrained(mid)
+    assert model.encode(["Oil prices fall"]).shape[-1] == 64
+    with pytest.raises(InvembError, match="does not continue"):
+        average_models(b, a, 0.5, tmp_path / "backwards")  # a does not continue b
+    with pytest.raises(InvembError, match="within"):
+        average_models(a, b, 1.5, tmp_path / "bad")
+    bad = subprocess.run([sys.executable, str(REPO / "scripts/average_models.py"), "--a", str(a), "--b",
+                          str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a shipped model folder" in bad.stderr and "Traceback" not in bad.stderr

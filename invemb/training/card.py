@@ -137,6 +137,13 @@ def _machine(h: dict) -> str:
     return f"{m}, bf16" if h.get("bf16") else m
 
 
+def _averaged_line(avg: dict) -> str:
+    w = float(avg["weight_b"])
+    return (f"- Weights: the average {1 - w:g} x `{avg['a']}` ({avg.get('a_steps_cumulative', '?'):,} steps) + {w:g} x "
+            f"`{avg['b']}` (the lineage's last row before the average), parameter by parameter "
+            "(`scripts/average_models.py`, invemb.training.soup; b continues a, so its CPU hours hold a's).")
+
+
 def write_card(folder: Path) -> Path:
     """models/<name>/README.md from the shipped config.json: model, data, recipe, lineage (steps, epochs, CPU hours),
     machines and the metrics measured for it (results/fidelity.md has the full tables and commands)."""
@@ -146,9 +153,12 @@ def write_card(folder: Path) -> Path:
     info = meta.get("info", {})
     hist = info.get("history", [])
     last = hist[-1] if hist else {}
+    # weights averaged from a model and its continuation (invemb.training.soup): the data and recipe stated are
+    # those of the continuation's last run (the row before), the average gets its own line
+    trained = hist[-2] if last.get("averaged") and len(hist) > 1 else last
     enc = meta["invemb_model"]["encoder"]
-    recipe, run = info.get("recipe", {}), last.get("run", "the run")
-    recipe_file = last.get("recipe_file")
+    recipe, run = info.get("recipe", {}), trained.get("run", "the run")
+    recipe_file = trained.get("recipe_file")
     lines = [
         f"# {folder.name}", "",
         "Invertible sentence embeddings for financial news headlines: `encode` maps a headline to ONE vector "
@@ -159,8 +169,9 @@ def write_card(folder: Path) -> Path:
         "model.decode(model.encode([\"Oil prices fall as OPEC output rises\"]), beam_size=4)", "```", "",
         "## Model", "", *_model_lines(meta, folder), "",
         "## Training", "",
-        data_line(recipe, last.get("data"), run),
+        data_line(recipe, trained.get("data"), run),
         recipe_line(recipe, recipe_file, run, bool(enc.get("freeze_backbone"))),
+        *([_averaged_line(last["averaged"])] if last.get("averaged") else []),
         "- Machines: each run's machine is in the table; " + (
             f"GPU runs: {gpu_minutes(hist):.1f} GPU minutes in all (their wall hours; their CPU h is the GPU host "
             "process's CPU time)" if gpu_minutes(hist) else "no GPU in any")
