@@ -66,6 +66,10 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
     # the control, against the facts' pieces weighing 6
     "sep-fw6": ["augment_numbers=3", "augment_names=2", "noise_sigma=0", "separation_weight=1.0",
                 "separation_margin=0.5", "fact_weight=6.0"],
+    # round 9 (continuing round 8's candidate models/invemb-minilm-s768-facts = sep-fw6, 110,212 steps, which broke
+    # the word floors; results/sweep_facts6.md): "sep" (the facts' weight back to 1, swaps + separation kept) as the
+    # end of a fact-weight schedule, against sep-fw6 continued; sep won, and its average with the default
+    # (scripts/average_models.py --weight 0.5) took back the words: results/facts_campaign.md, round 9
 }
 
 
