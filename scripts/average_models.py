@@ -2,19 +2,19 @@
 
     python scripts/average_models.py --a models/invemb-minilm-s768 --b runs/facts6/sep/model --weight 0.5 \
         --out runs/facts6/soup50
-    python scripts/average_models.py --a runs/old_model --b runs/facts6/sep/model --weight 0.5 \
-        --out models/invemb-minilm-s768 --metrics results/fidelity.json     # ship it with its card figures
+    python scripts/average_models.py --a models/invemb-minilm-s768 --b runs/facts6/sep/model --weight 0.5 \
+        --out models/invemb-minilm-s768 --metrics results/fidelity.json     # ship over a, with its card figures
 
 invemb.training.soup has the logic and the lineage rule.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from invemb.errors import InvembError
+from invemb.util import read_json
 
 
 def main(argv=None) -> int:
@@ -27,9 +27,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from invemb.training.soup import average_models
     try:
-        if args.metrics and not Path(args.metrics).is_file():
-            raise InvembError(f"--metrics {args.metrics}: no such file")
-        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        metrics = read_json(args.metrics, "--metrics") if args.metrics else None
         out = average_models(Path(args.a), Path(args.b), args.weight, Path(args.out), metrics)
     except InvembError as e:
         print(f"error: {e}", file=sys.stderr)

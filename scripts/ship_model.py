@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from invemb.errors import InvembError
+from invemb.util import read_json
 from invemb.shipped import DEFAULT_MODEL, models_dir
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from invemb.training.ship import ship, write_card
     try:
-        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        metrics = read_json(args.metrics, "--metrics") if args.metrics else None
         out = ship(Path(args.run), Path(args.out), args.tag, metrics)
         write_card(out)
     except InvembError as e:

@@ -481,3 +481,7 @@ def test_average_of_a_model_and_its_continuation(uninterrupted, data, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts/average_models.py"), "--a", str(a), "--b",
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a shipped model folder" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "scripts/average_models.py"), "--a", str(a), "--b", str(b),
+                          "--out", str(tmp_path / "x"), "--metrics", str(tmp_path / "none.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--metrics" in bad.stderr and "does not exist" in bad.stderr, bad.stderr

@@ -25,15 +25,13 @@ from invemb.paths import display_path
 SAME_FILES = ("tokenizer.json", "tokenizer_config.json", "surface.json")  # must be equal in a and b (if present)
 
 
-def _history(folder: Path) -> list[dict]:
-    from invemb.model import read_checkpoint_config
-    return list(read_checkpoint_config(folder).get("info", {}).get("history", []))
+def _history(meta: dict) -> list[dict]:
+    return list(meta.get("info", {}).get("history", []))
 
 
-def _check_same(a: Path, b: Path) -> None:
+def _check_same(a: Path, b: Path, meta_a: dict, meta_b: dict) -> None:
     """The two models must be one architecture with one tokenizer and surface table: only weights may differ."""
-    from invemb.model import read_checkpoint_config
-    ma, mb = (read_checkpoint_config(p)["invemb_model"] for p in (a, b))
+    ma, mb = meta_a["invemb_model"], meta_b["invemb_model"]
     if ma != mb:
         keys = sorted({k for part in ("encoder", "decoder") for k in set(ma.get(part, {})) | set(mb.get(part, {}))
                        if ma.get(part, {}).get(k) != mb.get(part, {}).get(k)})
@@ -69,7 +67,7 @@ def average_models(a: Path, b: Path, weight: float, out: Path, metrics: dict | N
     """Write (1 - weight) * a + weight * b to `out` (a shipped model folder; b's files and lineage + one entry for
     the average). a's lineage must be the start of b's. metrics: a fidelity JSON for the card."""
     from safetensors.torch import load_file, save_file
-    from invemb.model import InvertibleEmbedder
+    from invemb.model import InvertibleEmbedder, read_checkpoint_config
     from invemb.training.ship import card_metrics, write_card
     a, b, out = Path(a), Path(b), Path(out)
     if not 0.0 <= weight <= 1.0:
@@ -77,8 +75,9 @@ def average_models(a: Path, b: Path, weight: float, out: Path, metrics: dict | N
     for p in (a, b):
         if not (p / "model.safetensors").is_file():
             raise InvembError(f"{display_path(p)} is not a shipped model folder (no model.safetensors)")
-    _check_same(a, b)
-    ha, hb = _history(a), _history(b)
+    meta_a, meta_b = read_checkpoint_config(a), read_checkpoint_config(b)  # b's is written out, with one row more
+    _check_same(a, b, meta_a, meta_b)
+    ha, hb = _history(meta_a), _history(meta_b)
     key = [(h.get("run"), h.get("steps_cumulative")) for h in ha]
     if not hb or [(h.get("run"), h.get("steps_cumulative")) for h in hb[:len(ha)]] != key:
         raise InvembError(f"{display_path(b)} does not continue {display_path(a)} (its lineage does not start with "
@@ -99,12 +98,11 @@ def average_models(a: Path, b: Path, weight: float, out: Path, metrics: dict | N
              "cpu_hours_cumulative": last["cpu_hours_cumulative"], "gpu_hours": 0.0, "val_teacher_forced": None,
              "averaged": {"a": display_path(a), "b": display_path(b), "weight_b": weight,
                           "a_steps_cumulative": ha[-1]["steps_cumulative"] if ha else 0}}
-    config = json.loads((b / "config.json").read_text())
-    info = config.setdefault("info", {})
+    info = meta_b.setdefault("info", {})
     if metrics:
         entry["metrics"] = card_metrics(metrics, entry["data"], info.get("recipe"))
     info["history"] = hb + [entry]
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(json.dumps(meta_b, indent=2))
     save_file(state, str(out / "model.safetensors"), metadata=_metadata(b))
     write_card(out)
     InvertibleEmbedder.from_pretrained(out)  # it must load offline
