@@ -78,7 +78,8 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
                    "separation_margin=0.5"],
     # round 11 (capacity, results/sweep_facts8.md): the same recipe with a 3x wider vector, S=768 -> 2304, grown from
     # round 10's sep-swaps8 without changing what it decodes (scripts/grow_model.py; invemb.training.grow), so the
-    # arm starts where its control (sep-swaps8 continued) starts. Run it with init_from=<the grown model>
+    # arm starts where its control (sep-swaps8 continued) starts. Run it with init_from=<the grown model>. Facts flat
+    # in both at 40 min (whole-split perturbed numbers 0.610 -> 0.623 / 0.615 of 454): not shipped
     "sep-swaps8-s2304": ["augment_numbers=8", "augment_names=5", "noise_sigma=0", "separation_weight=1.0",
                          "separation_margin=0.5", "model.encoder.sentence_dim=2304"],
 }
