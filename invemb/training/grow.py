@@ -16,10 +16,8 @@ surface heads and the tokenizer are the old ones. The lineage is kept, plus one 
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -59,6 +57,7 @@ def grow_model(src: Path, factor: int, out: Path, seed: int = 0) -> Path:
     from invemb.config import ModelConfig
     from invemb.model import InvertibleEmbedder, read_checkpoint_config
     from invemb.training.ship import write_card
+    from invemb.training.soup import copy_side_files, untrained_row
     src, out = Path(src), Path(out)
     if not isinstance(factor, int) or factor < 2:
         raise InvembError(f"--factor {factor!r}: must be an integer >= 2")
@@ -79,19 +78,12 @@ def grow_model(src: Path, factor: int, out: Path, seed: int = 0) -> Path:
     ModelConfig.from_dict(meta["invemb_model"])  # the grown config must be valid (limits, multiples)
     info = meta.setdefault("info", {})
     hist = list(info.get("history", []))
-    last = hist[-1] if hist else {}
-    hist.append({**{k: last.get(k) for k in ("recipe_file", "data", "init_from")}, "machine": "none (no training)",
-                 "date": datetime.date.today().isoformat(),
-                 "run": f"grown: the vector of {display_path(src)} S={old_s} -> {old_s * factor} (invemb.training.grow)",
-                 "checkpoint": "weights grown", "steps": 0, "steps_cumulative": last.get("steps_cumulative", 0),
-                 "epochs_this_run": 0, "wall_hours": 0.0, "cpu_hours": 0.0,
-                 "cpu_hours_cumulative": last.get("cpu_hours_cumulative", 0.0), "gpu_hours": 0.0,
-                 "val_teacher_forced": None, "grown": {"from": display_path(src), "factor": factor, "seed": seed}})
+    hist.append(untrained_row(hist[-1] if hist else {},
+                              f"grown: the vector of {display_path(src)} S={old_s} -> {old_s * factor} "
+                              "(invemb.training.grow)", "weights grown",
+                              grown={"from": display_path(src), "factor": factor, "seed": seed}))
     info["history"] = hist
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():  # tokenizer, surface table (config and card are written below)
-        if f.is_file() and f.name not in ("model.safetensors", "README.md", "config.json"):
-            shutil.copy2(f, out / f.name)
+    copy_side_files(src, out)  # tokenizer, surface table (config and card are written below)
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in grown.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -44,6 +44,24 @@ def _check_same(a: Path, b: Path, meta_a: dict, meta_b: dict) -> None:
                               "decode with only one of them")
 
 
+def untrained_row(last: dict, run: str, checkpoint: str, **extra) -> dict:
+    """A lineage row for weights made without training (averaged, grown) after the row `last`: 0 steps and 0 CPU h,
+    its cumulative figures and recipe/data kept; `extra` names how the weights were made."""
+    return {**{k: last.get(k) for k in ("recipe_file", "data", "init_from")}, "machine": "none (no training)",
+            "date": datetime.date.today().isoformat(), "run": run, "checkpoint": checkpoint, "steps": 0,
+            "steps_cumulative": last.get("steps_cumulative", 0), "epochs_this_run": 0, "wall_hours": 0.0,
+            "cpu_hours": 0.0, "cpu_hours_cumulative": last.get("cpu_hours_cumulative", 0.0), "gpu_hours": 0.0,
+            "val_teacher_forced": None, **extra}
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """The files of model folder `src` other than its weights, config and card (tokenizer, surface table) -> `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "README.md", "config.json"):
+            shutil.copy2(f, out / f.name)
+
+
 def average_state(sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
     """(1 - weight) * sa + weight * sb for every floating tensor, in float32, cast back to sa's dtype; other tensors
     (integer buffers) must be equal and are kept."""
@@ -84,20 +102,12 @@ def average_models(a: Path, b: Path, weight: float, out: Path, metrics: dict | N
                           f"a's {len(ha)} runs): the average's training time would be unknown")
     state = average_state(load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors")), weight)
     if out.resolve() != b.resolve():
-        out.mkdir(parents=True, exist_ok=True)
-        for f in b.iterdir():  # config, tokenizer, surface table (the card is written below)
-            if f.is_file() and f.name not in ("model.safetensors", "README.md"):
-                shutil.copy2(f, out / f.name)
-    last = hb[-1]
+        copy_side_files(b, out)
     label = lambda p, h: f"{display_path(p)} ({h[-1]['steps_cumulative']:,} steps)" if h else display_path(p)
-    entry = {**{k: last.get(k) for k in ("recipe_file", "data", "init_from")}, "machine": "none (no training)",
-             "date": datetime.date.today().isoformat(),
-             "run": f"average {1 - weight:g} x {label(a, ha)} + {weight:g} x {label(b, hb)}",
-             "checkpoint": "weights averaged", "steps": 0, "steps_cumulative": last["steps_cumulative"],
-             "epochs_this_run": 0, "wall_hours": 0.0, "cpu_hours": 0.0,
-             "cpu_hours_cumulative": last["cpu_hours_cumulative"], "gpu_hours": 0.0, "val_teacher_forced": None,
-             "averaged": {"a": display_path(a), "b": display_path(b), "weight_b": weight,
-                          "a_steps_cumulative": ha[-1]["steps_cumulative"] if ha else 0}}
+    entry = untrained_row(hb[-1], f"average {1 - weight:g} x {label(a, ha)} + {weight:g} x {label(b, hb)}",
+                          "weights averaged",
+                          averaged={"a": display_path(a), "b": display_path(b), "weight_b": weight,
+                                    "a_steps_cumulative": ha[-1]["steps_cumulative"] if ha else 0})
     info = meta_b.setdefault("info", {})
     if metrics:
         entry["metrics"] = card_metrics(metrics, entry["data"], info.get("recipe"))
