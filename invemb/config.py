@@ -21,7 +21,9 @@ DECODERS = ("transformer", "onepass", "gru")
 class EncoderConfig:
     model_name: str = "all-MiniLM-L6-v2"  # alias, local folder or hub name (e.g. "finbert" -> ProsusAI/finbert)
     pooling: str = "attention"  # attention (the report's single query) | multiquery | cls | mean
-    pool_queries: int = 16  # Q of multiquery pooling: Q queries, each pooled state projected to S/Q dims
+    pool_queries: int = 16  # Q of multiquery pooling: Q queries, each pooled state projected to S/(Q+K) dims
+    number_slots: int = 0  # K (multiquery): K more chunks, the k-th = the text's k-th piece that holds a digit
+    token_identity: bool = False  # multiquery: the queries also pool the pieces' input embeddings (zero-initialised)
     sentence_dim: int = 768  # S, the width of the sentence vector
     freeze_backbone: bool = False
     max_length: int = 48  # tokens including [CLS]/[SEP]; longer texts are truncated with a warning
@@ -68,6 +70,12 @@ class ModelConfig:
         check_range("decoder.n_heads", d.n_heads, 1, 256)
         check_range("decoder.memory_slots", d.memory_slots, 1, 1024)
         check_range("encoder.pool_queries", e.pool_queries, 1, 1024)
+        check_range("encoder.number_slots", e.number_slots, 0, 64)
+        if (e.number_slots or e.token_identity) and e.pooling != "multiquery":
+            raise InvembError("encoder.number_slots / token_identity need encoder.pooling multiquery")
+        if e.number_slots and d.memory_mode == "chunks" and d.memory_slots != e.pool_queries + e.number_slots:
+            raise InvembError(f"memory_mode chunks with number_slots: decoder.memory_slots ({d.memory_slots}) must "
+                              f"be pool_queries + number_slots ({e.pool_queries} + {e.number_slots}), one slot a chunk")
         check_range("decoder.output_vocab", d.output_vocab, 0, 10 ** 6)
         if not 0.0 <= d.dropout < 1.0:
             raise InvembError(f"decoder.dropout must be in [0, 1), got {d.dropout}")

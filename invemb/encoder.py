@@ -114,41 +114,101 @@ class MeanPooling(nn.Module):
 
 class MultiQueryPooling(nn.Module):
     """Q learned queries, each a masked softmax over the tokens; query q's pooled state goes through its own
-    Linear(H, S/Q) -> GELU -> LayerNorm(S/Q); the Q chunks are concatenated to S. With `memory_mode: chunks` the
-    decoder's memory slots are exactly these Q chunks (one slot per query)."""
+    Linear(H, c) -> GELU -> LayerNorm(c), c = S/(Q+K); the chunks are concatenated to S. With `memory_mode: chunks`
+    the decoder's memory slots are exactly these chunks (one slot per chunk).
 
-    def __init__(self, hidden: int, sentence_dim: int, queries: int):
+    token_identity: each query also pools the tokens' INPUT embeddings (the backbone's word embeddings: the exact
+    piece, which the last layer of a sentence-similarity model blurs) through its own Linear(H, c), initialised
+    to zero so that switching it on changes nothing until it is trained.
+    number_slots K > 0: K more chunks after the Q queries' ("fact slots"): chunk Q+k is the k-th piece of the text
+    that holds a digit ("58", "##7", "£3"; the first K of them), its last-layer state and its input embedding
+    through one shared Linear(2H, c) -> GELU -> LayerNorm(c); a slot without such a piece holds a learned "none"
+    chunk. A softmax query mixes a number's pieces with its context, and the decoder's prior then fills in a
+    frequent number; a slot that holds exactly one piece is a lookup the decoder can learn (issue 29)."""
+
+    def __init__(self, hidden: int, sentence_dim: int, queries: int, number_slots: int = 0,
+                 token_identity: bool = False, number_table: torch.Tensor | None = None):
         super().__init__()
-        if queries < 1 or sentence_dim % queries:
-            raise InvembError(f"sentence_dim ({sentence_dim}) must be a multiple of pool_queries ({queries})")
-        self.queries, self.chunk = queries, sentence_dim // queries
+        parts = queries + number_slots
+        if queries < 1 or number_slots < 0 or sentence_dim % parts:
+            raise InvembError(f"sentence_dim ({sentence_dim}) must be a multiple of pool_queries + number_slots "
+                              f"({queries} + {number_slots})")
+        self.queries, self.number_slots, self.chunk = queries, number_slots, sentence_dim // parts
         self.score = nn.Linear(hidden, queries)
         self.weight = nn.Parameter(torch.empty(queries, hidden, self.chunk))
         self.bias = nn.Parameter(torch.zeros(queries, self.chunk))
         nn.init.normal_(self.weight, std=hidden ** -0.5)
         self.norm = nn.LayerNorm(self.chunk)
+        self.token_identity = token_identity
+        if token_identity:
+            self.id_weight = nn.Parameter(torch.zeros(queries, hidden, self.chunk))
+        if number_slots:
+            if number_table is None:
+                raise InvembError("number_slots need the tokenizer's vocabulary (which pieces hold a digit)")
+            # [V] 1.0 for a piece that holds a digit; rebuilt from the tokenizer, so not stored with the weights
+            self.register_buffer("number_table", number_table.float(), persistent=False)
+            self.num_proj = nn.Linear(2 * hidden, self.chunk)
+            nn.init.normal_(self.num_proj.weight, std=(2 * hidden) ** -0.5)
+            self.num_none = nn.Parameter(torch.zeros(self.chunk))
+            self.num_norm = nn.LayerNorm(self.chunk)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # hidden_states [B,T,H], attention_mask [B,T] -> [B,S] (S = Q * S/Q)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                input_ids: torch.Tensor | None = None, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states [B,T,H], attention_mask [B,T]; input_ids [B,T] and token_embeddings [B,T,H] (the input
+        # embeddings) when token_identity / number_slots -> [B,S] (S = (Q+K) * c)
         scores = self.score(hidden_states)  # [B,T,Q]
         scores = scores.masked_fill((attention_mask == 0).unsqueeze(-1), torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=1)  # [B,T,Q]: each query's distribution over the tokens
         pooled = torch.einsum("btq,bth->bqh", weights, hidden_states)  # [B,Q,H]
-        chunks = torch.einsum("bqh,qhc->bqc", pooled, self.weight) + self.bias  # [B,Q,S/Q]
-        return self.norm(nn.functional.gelu(chunks)).flatten(1)  # [B,S]
+        chunks = torch.einsum("bqh,qhc->bqc", pooled, self.weight) + self.bias  # [B,Q,c]
+        if self.token_identity:
+            pooled_ids = torch.einsum("btq,bth->bqh", weights, token_embeddings)  # [B,Q,H]
+            chunks = chunks + torch.einsum("bqh,qhc->bqc", pooled_ids, self.id_weight)
+        out = self.norm(nn.functional.gelu(chunks))  # [B,Q,c]
+        if self.number_slots:
+            out = torch.cat([out, self.number_chunks(hidden_states, attention_mask, input_ids, token_embeddings)], 1)
+        return out.flatten(1)  # [B,S]
+
+    def number_chunks(self, hidden_states, attention_mask, input_ids, token_embeddings) -> torch.Tensor:
+        # -> [B,K,c]: slot k = the k-th digit piece's [state; input embedding] projected, or the "none" chunk
+        dtype = hidden_states.dtype
+        is_num = self.number_table[input_ids] * attention_mask.to(self.number_table.dtype)  # [B,T] 0/1
+        rank = torch.cumsum(is_num, dim=1) * is_num  # [B,T]: 1, 2, ... at the digit pieces, 0 elsewhere
+        ks = torch.arange(1, self.number_slots + 1, device=rank.device, dtype=rank.dtype)  # [K]
+        pick = (rank.unsqueeze(1) == ks.view(1, -1, 1)).to(dtype)  # [B,K,T] one-hot rows (or all zero)
+        feats = torch.cat([hidden_states, token_embeddings.to(dtype)], dim=-1)  # [B,T,2H]
+        found = pick.sum(-1, keepdim=True)  # [B,K,1] 1 where slot k has a piece
+        num = self.num_proj(pick @ feats) + (1 - found) * self.num_none  # [B,K,c]
+        return self.num_norm(nn.functional.gelu(num))
+
+
+def number_table(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[V] 1.0 for each piece of the tokenizer's vocabulary that holds a digit (number_slots read these)."""
+    if tokenizer is None:
+        raise InvembError("encoder.number_slots needs the tokenizer (which pieces hold a digit)")
+    table = torch.zeros(vocab_size)
+    for piece, i in tokenizer.get_vocab().items():
+        if i < vocab_size and any(ch.isdigit() for ch in piece):
+            table[i] = 1.0
+    return table
 
 
 POOLERS = {"attention": AttentionPooling, "cls": ClsPooling, "mean": MeanPooling, "multiquery": MultiQueryPooling}
 
 
 class SentenceEncoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig, backbone: nn.Module):
+    def __init__(self, cfg: EncoderConfig, backbone: nn.Module, tokenizer=None):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.pooler = (MultiQueryPooling(hidden, cfg.sentence_dim, cfg.pool_queries) if cfg.pooling == "multiquery"
-                       else POOLERS[cfg.pooling](hidden, cfg.sentence_dim))
+        if cfg.pooling == "multiquery":
+            table = number_table(tokenizer, backbone.config.vocab_size) if cfg.number_slots else None
+            self.pooler = MultiQueryPooling(hidden, cfg.sentence_dim, cfg.pool_queries, cfg.number_slots,
+                                            cfg.token_identity, table)
+        else:
+            self.pooler = POOLERS[cfg.pooling](hidden, cfg.sentence_dim)
+        self.reads_tokens = cfg.pooling == "multiquery" and (cfg.number_slots > 0 or cfg.token_identity)
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -169,7 +229,12 @@ class SentenceEncoder(nn.Module):
         # states precomputed (the feature cache of a frozen backbone), so only the pooler runs.
         if hidden_states is None:
             hidden_states = self.token_states(input_ids, attention_mask)
-        return self.pooler(hidden_states.to(self.pooler_dtype), attention_mask)
+        dtype = self.pooler_dtype
+        if not self.reads_tokens:
+            return self.pooler(hidden_states.to(dtype), attention_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
+            emb = self.backbone.get_input_embeddings()(input_ids).to(dtype)  # the pieces' input embeddings [B,T,H]
+        return self.pooler(hidden_states.to(dtype), attention_mask, input_ids, emb)
 
     @property
     def pooler_dtype(self) -> torch.dtype:

@@ -70,7 +70,7 @@ class InvertibleEmbedder(nn.Module, EmbedderBase):
         self.config = config.validate()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.encoder.model_name)
         self.encoder = SentenceEncoder(config.encoder, backbone if backbone is not None else load_backbone(
-            config.encoder))
+            config.encoder), self.tokenizer)
         tok = self.tokenizer
         self.bos_id, self.eos_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
         if None in (self.bos_id, self.eos_id, self.pad_id):

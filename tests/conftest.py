@@ -29,7 +29,7 @@ def headlines32(data_dir) -> list[str]:
 
 
 def train_toy(texts: list[str], kind: str = "transformer", steps: int = 120, lr: float = 3e-3, seed: int = 0,
-              **decoder_overrides):
+              encoder_overrides: dict | None = None, **decoder_overrides):
     """Full-batch AdamW on `texts` with the toy preset: enough steps to memorise 32 headlines."""
     import dataclasses
 
@@ -41,6 +41,7 @@ def train_toy(texts: list[str], kind: str = "transformer", steps: int = 120, lr:
     torch.manual_seed(seed)
     cfg = preset("toy").model
     cfg.decoder = dataclasses.replace(cfg.decoder, kind=kind, **decoder_overrides)
+    cfg.encoder = dataclasses.replace(cfg.encoder, **(encoder_overrides or {}))
     model = InvertibleEmbedder(cfg)
     batch = model.tokenize(texts)
     if cfg.decoder.surface_heads or cfg.decoder.spell_numbers:  # the decoder's own targets + tags
@@ -71,6 +72,6 @@ def toy_checkpoint(toy_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def every_lever_toy(headlines32):
-    """The shipped design on a toy backbone, memorising headlines32[:16] (shared by the core and export tests)."""
+    """The shipped design (+ fact slots) on a toy backbone, memorising headlines32[:16] (core and export tests)."""
     from test_core_invert import train_every_lever
     return train_every_lever(headlines32[:16])

@@ -246,3 +246,16 @@ def test_toy_tells_apart_headlines_differing_in_one_number(number_toy):
     assert g["raw_exact"] == 1.0 and g["number_recall"] == 1.0 and g["numbers_all_right"] == 1.0
     assert g["exact_match"] == 1.0 and g["token_acc"] == 1.0  # spelled targets are the token reference
     assert res["_written"]["greedy"] == ONE_NUMBER
+
+
+SLOTS = dict(pooling="multiquery", pool_queries=4, number_slots=2, sentence_dim=96)
+
+
+def test_number_slots_tell_apart_one_number_without_spelling():
+    """With number slots (the k-th digit piece's own chunk) a toy tells the four apart with numbers as whole pieces
+    (150 steps), and a number it never saw in that place reaches its slot."""
+    model = train_toy(ONE_NUMBER, steps=150, encoder_overrides=SLOTS, memory_slots=6, memory_mode="chunks")
+    assert model.decode(model.encode(ONE_NUMBER), beam_size=4) == model.reference_texts(ONE_NUMBER)
+    v = model.encode(["Fed raises rates by 25 basis points", "Fed raises rates by 35 basis points"])  # [2,96]
+    slot = v[:, 64:80]  # the first number slot
+    assert abs(slot[0] - slot[1]).max() > 0.1

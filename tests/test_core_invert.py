@@ -14,10 +14,13 @@ from invemb.model import InvertibleEmbedder
 from invemb.vocab import compact_vocab_ids, single_char_ids, spell_ids
 
 
-def _toy(pooling="multiquery", output_vocab=0, texts=None, slots=4):
+def _toy(pooling="multiquery", output_vocab=0, texts=None, slots=4, number_slots=0, token_identity=False):
     cfg = preset("toy").model
-    cfg.encoder = dataclasses.replace(cfg.encoder, pooling=pooling, pool_queries=slots, freeze_backbone=True)
-    cfg.decoder = dataclasses.replace(cfg.decoder, memory_slots=slots, memory_mode="chunks")
+    chunk = cfg.encoder.sentence_dim // slots
+    cfg.encoder = dataclasses.replace(cfg.encoder, pooling=pooling, pool_queries=slots, freeze_backbone=True,
+                                      number_slots=number_slots, token_identity=token_identity,
+                                      sentence_dim=chunk * (slots + number_slots))
+    cfg.decoder = dataclasses.replace(cfg.decoder, memory_slots=slots + number_slots, memory_mode="chunks")
     tok = load_tokenizer(cfg.encoder.model_name)
     ids = None
     if output_vocab:
@@ -89,6 +92,16 @@ def test_multiquery_needs_divisible_width():
     from invemb import InvembError
     with pytest.raises(InvembError, match="multiple of pool_queries"):
         MultiQueryPooling(8, 10, 3)
+    with pytest.raises(InvembError, match="pool_queries \\+ number_slots"):
+        MultiQueryPooling(8, 64, 4, number_slots=2)  # 64 is not a multiple of 6 chunks
+    with pytest.raises(InvembError, match="vocabulary"):
+        MultiQueryPooling(8, 48, 4, number_slots=2)  # which pieces hold a digit?
+    enc = dict(pooling="multiquery", pool_queries=4, sentence_dim=96, number_slots=2)
+    with pytest.raises(InvembError, match=r"memory_slots \(4\) must be pool_queries \+ number_slots"):
+        ModelConfig(EncoderConfig(**enc), DecoderConfig(memory_slots=4, memory_mode="chunks")).validate()
+    with pytest.raises(InvembError, match="need encoder.pooling multiquery"):
+        ModelConfig(EncoderConfig(pooling="attention", token_identity=True), DecoderConfig()).validate()
+    ModelConfig(EncoderConfig(**enc), DecoderConfig(memory_slots=6, memory_mode="chunks")).validate()
 
 
 # ------------------------------------------------------------------------------------------------ compact vocab
@@ -155,8 +168,9 @@ def test_sampled_softmax_candidates_hold_every_target(headlines32):
 
 
 def train_every_lever(texts, steps: int = 150):
-    """A toy with multi-query pooling + chunk memory + compact vocabulary, trained with the sampled softmax."""
-    model, _ = _toy(output_vocab=1, texts=texts)
+    """A toy with multi-query pooling (+ 2 number slots, token identity) + chunk memory + compact vocabulary, trained
+    with the sampled softmax."""
+    model, _ = _toy(output_vocab=1, texts=texts, number_slots=2, token_identity=True)
     batch = model.tokenize(texts)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
@@ -169,8 +183,10 @@ def train_every_lever(texts, steps: int = 150):
 
 
 def test_toy_with_every_lever_memorises(every_lever_toy, headlines32):
-    """multi-query pooling + chunk memory + compact vocabulary + sampled softmax: still memorises 16 headlines."""
+    """multi-query pooling + fact slots + chunk memory + compact vocabulary + sampled softmax: still memorises 16
+    headlines."""
     model, texts = every_lever_toy, headlines32[:16]
+    assert model.config.encoder.number_slots == 2 and any(any(c.isdigit() for c in t) for t in texts)
     assert model.decode(model.encode(texts), beam_size=2) == model.reference_texts(texts)
 
 

