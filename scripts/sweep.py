@@ -82,6 +82,14 @@ ARMS = {  # name -> recipe overrides of the shipped model's recipe; each arm cha
     # in both at 40 min (whole-split perturbed numbers 0.610 -> 0.623 / 0.615 of 454): not shipped
     "sep-swaps8-s2304": ["augment_numbers=8", "augment_names=5", "noise_sigma=0", "separation_weight=1.0",
                          "separation_margin=0.5", "model.encoder.sentence_dim=2304"],
+    # round 12 (fact slots, results/sweep_facts9.md): the same recipe on a model with 6 number slots (the k-th
+    # chunk = the text's k-th piece holding a digit) and queries that also read the pieces' input embeddings
+    # (invemb.encoder.MultiQueryPooling), added to models/invemb-minilm-s768-facts by scripts/grow_model.py
+    # --number-slots 6 --token-identity. Run it with init_from=<that model>. 70 min: whole-split perturbed numbers
+    # 0.615 -> 0.705 (models/invemb-minilm-s768-facts; not the default yet: results/facts_campaign.md)
+    "sep-swaps8-slots6": ["augment_numbers=8", "augment_names=5", "noise_sigma=0", "separation_weight=1.0",
+                          "separation_margin=0.5", "model.encoder.sentence_dim=1056", "model.encoder.number_slots=6",
+                          "model.encoder.token_identity=true", "model.decoder.memory_slots=22"],
 }
 
 
