@@ -507,3 +507,31 @@ def test_card_continue_line_gives_the_settings_init_from_needs():
     with pytest.raises(InvembError, match="differs from the recipe"):
         prepare_model_config(load_config(str(REPO / "train/configs/minilm-mq16.yaml"), [f"init_from={model}"]), [])
     assert (model / "README.md").read_text().count(line.strip()) == 1  # the card says it
+
+
+def test_recipe_asking_for_richer_surface_heads_gets_new_ones(tmp_path, headlines32):
+    """Start weights with surface heads that do not read the next piece + a recipe with surface_next: the heads are
+    rebuilt (reading it), not the old ones trained under a config that claims it (a model that would not load)."""
+    import dataclasses
+
+    from invemb.config import TrainConfig, preset
+    from invemb.model import InvertibleEmbedder
+    from invemb.training.targets import add_surface
+    cfg = preset("toy").model
+    cfg.decoder = dataclasses.replace(cfg.decoder, surface_heads=True, surface_pieces=True)
+    model = InvertibleEmbedder(cfg)
+    old = model.decoder.case_head
+    recipe = TrainConfig()
+    recipe.model = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, surface_next=True))
+    add_surface(model, recipe, headlines32[:8], tmp_path, True)
+    dec = model.decoder
+    assert dec.cfg.surface_next and dec.case_head is not old
+    first = dec.case_head if isinstance(dec.case_head, torch.nn.Linear) else dec.case_head[0]
+    assert first.in_features == cfg.decoder.d_model * 4  # state + piece read + piece before + piece after
+    out = model(**model.training_batch(headlines32[:8]))
+    assert torch.isfinite(out["loss"]) and "surface" in out
+    same = TrainConfig()
+    same.model = recipe.model
+    kept = dec.case_head
+    add_surface(model, same, headlines32[:8], tmp_path, True)  # equal settings: the heads are kept
+    assert model.decoder.case_head is kept

@@ -16,9 +16,16 @@ MAX_PARAPHRASES = 5
 def add_surface(model, cfg: TrainConfig, train_texts: list[str], out: Path, main: bool) -> None:
     """Surface heads the recipe asks for and the start weights lack (new heads), and the written-form table of
     the training headlines (they come first in train_texts), saved into `out` by the main rank."""
-    if cfg.model.decoder.surface_heads and not getattr(model.decoder, "has_surface", False):
-        d = cfg.model.decoder
-        model.decoder.add_surface_heads(d.surface_hidden, d.surface_pieces, d.surface_next)
+    d, dec = cfg.model.decoder, model.decoder
+    want = (d.surface_hidden, d.surface_pieces, d.surface_next)
+    has = getattr(dec, "has_surface", False)
+    if d.surface_heads and (not has or (dec.cfg.surface_hidden, dec.cfg.surface_pieces, dec.cfg.surface_next) != want):
+        # the recipe asks for heads the start weights lack, or for heads that read more than theirs (run.py lets a
+        # recipe only add to them): new heads from zero, or the run would train the old ones under the new config
+        if has and main:
+            print(f"the recipe's surface heads (hidden {want[0]}, pieces {want[1]}, next {want[2]}) differ from the "
+                  "start weights': new heads, trained from zero", flush=True)
+        dec.add_surface_heads(*want)
     if getattr(model.decoder, "has_surface", False):
         from invemb.surface import build_table, save_table
         model.surface_table = build_table(model.tokenizer, train_texts[:SURFACE_TABLE_TEXTS], model.max_length)
